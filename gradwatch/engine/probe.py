@@ -1,0 +1,181 @@
+"""The fixed probe set shared by every diagnostic that needs data (per-example spectra, sharpness, ...).
+
+Drawn once at train start, seeded by a private generator (the user's RNG stream is untouched), from the
+training dataset, with its dataset indices kept. Iterable datasets give their first examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import IterableDataset, default_collate
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+NO_LOSS_MESSAGE = (
+    "gradwatch: cannot infer a per-example loss for {what}. gradwatch knows Hugging Face models called "
+    "with a `labels` key (token, sequence-classification and regression heads) and batches of "
+    "(inputs, targets) whose model output is class logits or regression values. Otherwise pass "
+    "`loss_fn=lambda model, batch: <Tensor of shape [batch_size]>` to GradWatch(...) or WatchConfig."
+)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (mappings become plain dicts)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    name = type(model).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(getattr(model, "config", None), "is_decoder", False) and "Causal" in name)
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"model output of type {type(output).__name__} has no logits")
+
+
+def per_example_loss_from_outputs(logits: Tensor, targets: Tensor, *, causal: bool = False,
+                                  problem_type: str | None = None) -> Tensor:
+    """Per-example loss, shape [B], of logits against targets.
+
+    - token logits (B, T, V) with labels (B, T): mean cross-entropy over positions whose label is not
+      -100 (shifted by one for causal LMs, as their own loss is);
+    - class logits (B, C) with integer labels (B,): cross-entropy;
+    - float targets: squared error, or binary cross-entropy for ``problem_type="multi_label_classification"``,
+      averaged over the non-batch dimensions.
+    """
+    if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8) and problem_type != "regression":
+        if logits.ndim == 3:
+            if causal:
+                logits, targets = logits[:, :-1], targets[:, 1:]
+            tok = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            valid = (targets != -100).to(tok.dtype)
+            return (tok * valid).sum(1) / valid.sum(1).clamp_min(1)
+        if logits.ndim == 2:
+            return F.cross_entropy(logits.float(), targets.view(-1), reduction="none")
+        raise TypeError(f"logits of shape {tuple(logits.shape)} with integer targets")
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").flatten(1).mean(1)
+    pred = logits.float().reshape(targets.shape) if logits.numel() == targets.numel() else logits.float()
+    return (pred - targets.float()).square().reshape(pred.shape[0], -1).mean(1)
+
+
+def infer_per_example_loss(model: nn.Module, batch: Any) -> Tensor:
+    """The zero-config per-example loss for Hugging Face batches and (inputs, targets) batches."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = _logits(model(**inputs))
+        problem = getattr(getattr(model, "config", None), "problem_type", None)
+        labels = batch["labels"]
+        if problem is None and labels.is_floating_point() and getattr(getattr(model, "config", None), "num_labels", 0) == 1:
+            problem = "regression"
+        return per_example_loss_from_outputs(logits, labels, causal=_is_causal_lm(model), problem_type=problem)
+    if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], Tensor):
+        x, y = batch
+        return per_example_loss_from_outputs(_logits(model(x)), y)
+    raise ValueError(NO_LOSS_MESSAGE.format(what=f"{type(model).__name__} with batches of type {type(batch).__name__}"))
+
+
+class ProbeSet:
+    """A fixed set of training examples, with the losses diagnostics evaluate on it.
+
+    Args:
+        examples: the raw examples (as the dataset returns them).
+        indices: their dataset indices.
+        collate_fn: how the training loader builds a batch from examples.
+        device: where batches go.
+        loss_fn: user per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (None: inferred).
+        training_loss_fn: the loss the optimizer minimizes on a batch, as the host computes it
+            (Lightning's ``training_step``, HF's ``compute_loss``); None: mean of the per-example loss.
+        batch_size: largest probe batch.
+    """
+
+    def __init__(self, examples: Sequence[Any], indices: Sequence[int], collate_fn: Callable[[list], Any] | None,
+                 device: torch.device, loss_fn: LossFn | None = None, training_loss_fn: LossFn | None = None,
+                 batch_size: int = 64) -> None:
+        self.examples = list(examples)
+        self.indices = list(indices)
+        self.collate_fn = collate_fn or default_collate
+        self.device = device
+        self.loss_fn = loss_fn
+        self.training_loss_fn = training_loss_fn
+        self.batch_size = batch_size
+        self._cache: dict[tuple, list[Any]] = {}
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, size: int, *, seed: int = 0, collate_fn: Callable | None = None,
+                     **kwargs: Any) -> ProbeSet:
+        """Draw ``size`` examples without replacement, seeded; the first ``size`` of an iterable dataset."""
+        if size < 1:
+            raise ValueError(f"gradwatch: probe size expected an int >= 1, got {size!r}")
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            examples = []
+            for ex in dataset:  # type: ignore[union-attr]
+                examples.append(ex)
+                if len(examples) == size:
+                    break
+            if len(examples) < size:
+                raise ValueError(f"gradwatch: probe size {size} is larger than the iterable dataset "
+                                 f"({len(examples)} examples)")
+            return cls(examples, list(range(size)), collate_fn, **kwargs)
+        n = len(dataset)
+        if size > n:
+            raise ValueError(f"gradwatch: probe size expected at most the dataset size ({n}), got {size}")
+        gen = torch.Generator().manual_seed(seed)
+        indices = sorted(torch.randperm(n, generator=gen)[:size].tolist())
+        return cls([dataset[i] for i in indices], indices, collate_fn, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _collate(self, chunk: list[Any]) -> Any:
+        return move_to_device(self.collate_fn(chunk), self.device)
+
+    def batches(self, limit: int | None = None, batch_size: int | None = None) -> list[Any]:
+        """The probe set (or its first ``limit`` examples) as collated batches on the device (cached)."""
+        n = len(self.examples) if limit is None else min(limit, len(self.examples))
+        bs = batch_size or self.batch_size
+        key = (n, bs)
+        if key not in self._cache:
+            self._cache[key] = [self._collate(self.examples[i:i + bs]) for i in range(0, n, bs)]
+        return self._cache[key]
+
+    def example_batches(self, limit: int | None = None) -> list[Any]:
+        """The first ``limit`` probe examples, each collated alone (batch size 1)."""
+        return self.batches(limit, batch_size=1)
+
+    def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """Loss of each example of ``batch``, shape [B]."""
+        if self.loss_fn is not None:
+            out = self.loss_fn(model, batch)
+            if not isinstance(out, Tensor) or out.ndim != 1:
+                raise ValueError(f"gradwatch: loss_fn expected to return a 1-D Tensor[batch_size], got "
+                                 f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
+            return out
+        return infer_per_example_loss(model, batch)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """The scalar loss the optimizer minimizes on ``batch``, as the trainer computes it."""
+        if self.training_loss_fn is not None:
+            return self.training_loss_fn(model, batch)
+        return self.per_example_loss(model, batch).mean()
