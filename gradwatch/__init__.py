@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = ["SPECTRUM_STATS", "Cadence", "SharpnessConfig", "SpectraConfig", "WatchConfig", "__version__"]
 
+from gradwatch.integrations import install_report_to_hook as _install_report_to_hook
 
-def __getattr__(name: str):  # `report_to=["gradwatch"]` works once gradwatch is imported, when HF is there
-    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+_install_report_to_hook()  # TrainingArguments(report_to=["gradwatch"]) once gradwatch is imported

@@ -172,6 +172,13 @@ class TraceEstimate:
     num_matvecs: int
 
 
+def _device(device: torch.device | str | None, init: Tensor | None, matvec: Matvec) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    owner = getattr(matvec, "__self__", matvec)  # a bound HessianOperator.matvec or the operator
+    return init.device if init is not None else torch.device(getattr(owner, "device", "cpu"))
+
+
 def _generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     # A private seeded generator keeps results reproducible and leaves the global RNG untouched.
     return generator if generator is not None else torch.Generator(device).manual_seed(0)
@@ -192,6 +199,14 @@ def _start_vector(init: Tensor | None, dim: int, gen: torch.Generator, dtype: to
     if q is None or not bool(torch.isfinite(q).all()) or float(q.norm()) == 0.0:
         q = torch.randn(dim, generator=gen, dtype=dtype, device=gen.device).to(device)
     return q / q.norm()
+
+
+def _orthogonalize(w: Tensor, basis: Sequence[Tensor]) -> Tensor:
+    # Modified Gram-Schmidt, twice: "twice is enough" (Kahan; Parlett 1998).
+    for _ in range(2):
+        for b in basis:
+            w = w - (b @ w) * b
+    return w
 
 
 def lanczos_top_eigenvalues(matvec: Matvec, dim: int, *, k: int = 1, max_iter: int = 100,
@@ -224,7 +239,8 @@ def lanczos_top_eigenvalues(matvec: Matvec, dim: int, *, k: int = 1, max_iter: i
         generator: Random source for the start and restart vectors; a fixed-seed private generator
             if None (the global RNG is never used).
         dtype: Precision of the Krylov basis and of the results.
-        device: Device of the basis; defaults to that of ``init``, else CPU.
+        device: Device of the basis; defaults to that of ``init``, else ``matvec.device`` if the
+            operator has one (:class:`HessianOperator` does), else CPU.
         verify: Recompute the residuals with ``k`` extra products as ``||A x - theta x||``.
 
     Returns:
@@ -234,23 +250,21 @@ def lanczos_top_eigenvalues(matvec: Matvec, dim: int, *, k: int = 1, max_iter: i
         raise ValueError(f"k must be between 1 and dim={dim}, got {k}.")
     if max_iter < k:
         raise ValueError(f"max_iter must be at least k={k}, got {max_iter}.")
-    device = torch.device(device) if device is not None else (
-        init.device if init is not None else torch.device("cpu"))
+    device = _device(device, init, matvec)
     gen = _generator(generator, device)
     m_max = min(max_iter, dim)
-    basis = torch.zeros(m_max, dim, dtype=dtype, device=device)
+    basis: list[Tensor] = []  # grown as needed: memory is (iterations used) x dim x itemsize
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples basis[j] and basis[j + 1]
     q = _start_vector(init, dim, gen, dtype, device)
     norm_estimate, num_matvecs, converged = 0.0, 0, False
     for j in range(m_max):
-        basis[j] = q
+        basis.append(q)
         w = _apply(matvec, q)
         num_matvecs += 1
         norm_estimate = max(norm_estimate, float(w.norm()))
         alphas.append(float(q @ w))
-        for _ in range(2):  # "twice is enough" (Kahan, Parlett)
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = _orthogonalize(w, basis)
         beta = float(w.norm())
         tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
@@ -267,13 +281,14 @@ def lanczos_top_eigenvalues(matvec: Matvec, dim: int, *, k: int = 1, max_iter: i
             break
         if breakdown:
             beta = 0.0
-            w = torch.randn(dim, generator=gen, dtype=dtype, device=gen.device).to(device)
-            for _ in range(2):
-                w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+            w = _orthogonalize(torch.randn(dim, generator=gen, dtype=dtype, device=gen.device).to(device),
+                               basis)
         betas.append(beta)
         q = w / w.norm()
-    m = len(alphas)
-    vectors = basis[:m].T @ s[:, top].to(dtype=dtype, device=device)
+    ritz = s[:, top].to(dtype=dtype, device=device)
+    vectors = torch.zeros(dim, len(top), dtype=dtype, device=device)
+    for b, coefficients in zip(basis, ritz):
+        vectors.addr_(b, coefficients)
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
     values = theta[top].to(dtype=dtype, device=device)
     residuals = residuals.to(dtype=dtype, device=device)
@@ -304,10 +319,9 @@ def power_iteration(matvec: Matvec, dim: int, *, max_iter: int = 100, tol: float
         init: Start vector; random Gaussian if None.
         generator: Random source; a fixed-seed private generator if None.
         dtype: Working precision.
-        device: Working device; defaults to that of ``init``, else CPU.
+        device: Working device; defaults to that of ``init``, else ``matvec.device``, else CPU.
     """
-    device = torch.device(device) if device is not None else (
-        init.device if init is not None else torch.device("cpu"))
+    device = _device(device, init, matvec)
     v = _start_vector(init, dim, _generator(generator, device), dtype, device)
     value, converged, n = math.nan, False, 0
     for n in range(1, max_iter + 1):
@@ -350,11 +364,11 @@ def hutchinson_trace(matvec: Matvec, dim: int, *, num_samples: int,
         num_samples: Number of probes (= operator applications).
         generator: Random source; a fixed-seed private generator if None.
         dtype: Working precision.
-        device: Working device (CPU if None).
+        device: Working device; defaults to ``matvec.device`` if present, else CPU.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
-    device = torch.device(device or "cpu")
+    device = _device(device, None, matvec)
     probes = _rademacher((num_samples, dim), _generator(generator, device), dtype, device)
     samples = torch.stack([z @ _apply(matvec, z) for z in probes])
     return TraceEstimate(*_mean_and_stderr(samples), num_matvecs=num_samples)
@@ -379,7 +393,7 @@ def hutchpp_trace(matvec: Matvec, dim: int, *, num_matvecs: int,
         num_matvecs: Budget of operator applications (all used unless ``3 * dim <= num_matvecs``).
         generator: Random source; a fixed-seed private generator if None.
         dtype: Working precision.
-        device: Working device (CPU if None).
+        device: Working device; defaults to ``matvec.device`` if present, else CPU.
     """
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be at least 1, got {num_matvecs}.")
@@ -387,7 +401,7 @@ def hutchpp_trace(matvec: Matvec, dim: int, *, num_matvecs: int,
     if s == 0:
         return hutchinson_trace(matvec, dim, num_samples=num_matvecs, generator=generator,
                                 dtype=dtype, device=device)
-    device = torch.device(device or "cpu")
+    device = _device(device, None, matvec)
     gen = _generator(generator, device)
     sketch = _rademacher((s, dim), gen, dtype, device)
     q, _ = torch.linalg.qr(torch.stack([_apply(matvec, x) for x in sketch], dim=1))

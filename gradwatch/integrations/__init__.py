@@ -1,0 +1,47 @@
+"""Sinks (TensorBoard) and host glue (the Hugging Face ``report_to`` name)."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
+
+_HF_MODULE = "transformers.integrations.integration_utils"
+
+
+def _register() -> None:
+    from gradwatch.integrations.huggingface import register_report_to
+
+    register_report_to()
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers ``report_to="gradwatch"`` right after transformers loads its integration table, so that
+    ``import gradwatch`` works whether it comes before or after ``import transformers`` and never imports
+    transformers itself."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _HF_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module: Any) -> None:
+            exec_module(module)
+            _register()
+
+        spec.loader.exec_module = exec_and_register  # type: ignore[method-assign]
+        return spec
+
+
+def install_report_to_hook() -> None:
+    """Register now if transformers' integration table is loaded, else as soon as it is."""
+    if _HF_MODULE in sys.modules:
+        _register()
+    elif importlib.util.find_spec("transformers") is not None:
+        if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterAfterImport())
