@@ -25,18 +25,8 @@ from torch import Tensor
 
 Matvec = Callable[[Tensor], Tensor]
 
-__all__ = [
-    "HessianOperator",
-    "LanczosResult",
-    "PowerIterationResult",
-    "TraceEstimate",
-    "flatten",
-    "hutchinson_trace",
-    "hutchpp_trace",
-    "lanczos_top_eigenvalues",
-    "power_iteration",
-    "unflatten",
-]
+__all__ = ["HessianOperator", "LanczosResult", "PowerIterationResult", "TraceEstimate", "flatten",
+           "hutchinson_trace", "hutchpp_trace", "lanczos_top_eigenvalues", "power_iteration", "unflatten"]
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -110,14 +100,14 @@ class HessianOperator:
         if self._inv_sqrt_diag is not None:
             v = v * self._inv_sqrt_diag
         self.num_matvecs += 1
-        out: list[Tensor] = [torch.zeros_like(p) for p in self.params]
+        hv: Sequence[Tensor | None] = [None] * len(self.params)
         if self._grads:
             vs = unflatten(v, self.params)
             hv = torch.autograd.grad([g for _, g in self._grads], self.params,
                                      grad_outputs=[vs[i] for i, _ in self._grads],
                                      retain_graph=True, allow_unused=True)
-            out = [h.detach() if h is not None else o for h, o in zip(hv, out)]
-        flat = flatten(out).to(self.dtype)
+        flat = flatten([h.detach() if h is not None else torch.zeros_like(p)
+                        for h, p in zip(hv, self.params)]).to(self.dtype)
         return flat * self._inv_sqrt_diag if self._inv_sqrt_diag is not None else flat
 
     __call__ = matvec
