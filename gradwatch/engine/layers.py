@@ -99,9 +99,13 @@ def _candidates(model: nn.Module, embeddings: bool, output_head: bool) -> list[t
             found.append((prefix + "weight", module.weight, WatchedMatrix(prefix + "weight", prefix + "weight", "conv")))
         elif cls == "Conv1D" and hasattr(module, "nf"):  # GPT-2's transposed linear (transformers.pytorch_utils)
             name = prefix + "weight"
-            if short == "c_attn" and module.weight.shape[1] % 3 == 0 and not getattr(module, "is_cross_attention", False):
+            n_in, n_out = module.weight.shape
+            # self-attention c_attn is (E, 3E): q, k, v; cross-attention c_attn is (E, 2E): k, v (q is q_attn)
+            parts = "qkv" if n_out == 3 * n_in else "kv" if n_out == 2 * n_in else ""
+            if short == "c_attn" and parts:
                 found.append((name, module.weight,
-                              [WatchedMatrix(f"{name}.{s}", name, "fused_qkv", (i, 3), True) for i, s in enumerate("qkv")]))
+                              [WatchedMatrix(f"{name}.{s}", name, "fused_qkv", (i, len(parts)), True)
+                               for i, s in enumerate(parts)]))
             else:
                 found.append((name, module.weight, WatchedMatrix(name, name, "gpt2_conv1d", None, True)))
         elif isinstance(module, nn.Embedding) and embeddings:
@@ -130,16 +134,18 @@ def discover_matrices(model: nn.Module, include: Sequence[str] = ("*",), exclude
         ValueError: a pattern in ``include`` or ``exclude`` matches no parameter of the model.
     """
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    candidates = _candidates(model, embeddings, output_head)
+    split_tags = [w.tag for _, _, ws in candidates if isinstance(ws, list) for w in ws]
     for field_name, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns:
-            if pattern != "*" and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            if pattern != "*" and not any(fnmatch.fnmatchcase(n, pattern) for n in (*names, *split_tags)):
                 shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
                 raise ValueError(f"gradwatch: `{field_name}` pattern {pattern!r} matches no parameter of "
                                  f"{type(model).__name__}; parameter names look like: {shown}")
     params: dict[str, nn.Parameter] = {}
     matrices: list[WatchedMatrix] = []
     frozen: list[str] = []
-    for name, p, watched in _candidates(model, embeddings, output_head):
+    for name, p, watched in candidates:
         blocks = watched if isinstance(watched, list) else [watched]
         blocks = [b for b in blocks
                   if (_matches(name, include) or _matches(b.tag, include))

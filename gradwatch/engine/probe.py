@@ -151,10 +151,16 @@ class ProbeSet:
     def _collate(self, chunk: list[Any]) -> Any:
         return move_to_device(self.collate_fn(chunk), self.device)
 
-    def batches(self, limit: int | None = None, batch_size: int | None = None) -> list[Any]:
-        """The probe set (or its first ``limit`` examples) as collated batches on the device (cached)."""
+    def batches(self, limit: int | None = None, batch_size: int | None = None, drop_last: bool = False) -> list[Any]:
+        """The probe set (or its first ``limit`` examples) as collated batches on the device (cached).
+
+        With ``drop_last`` a smaller last batch is left out (unless it is the only one), so that every
+        batch has the training batch size and a sum-reduced loss keeps its scale.
+        """
         n = len(self.examples) if limit is None else min(limit, len(self.examples))
         bs = batch_size or self.batch_size
+        if drop_last and n > bs:
+            n -= n % bs
         key = (n, bs)
         if key not in self._cache:
             self._cache[key] = [self._collate(self.examples[i:i + bs]) for i in range(0, n, bs)]

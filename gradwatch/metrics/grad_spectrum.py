@@ -98,7 +98,8 @@ class GradSpectrum(Diagnostic):
             self.updates += 1
             return
         values, bad = gradient_spectrum_statistics(matrices, self.stats, self.method)
-        stacked = torch.stack([values[s] for s in self.stats]).to(self.total.device)
+        # the states' dtype may have been changed with .to(dtype) / set_dtype
+        stacked = torch.stack([values[s] for s in self.stats]).to(self.total.device, self.total.dtype)
         idx = torch.as_tensor(list(indices), device=self.total.device)
         finite = torch.isfinite(stacked)
         self.total.index_add_(1, idx, torch.where(finite, stacked, torch.zeros_like(stacked)))

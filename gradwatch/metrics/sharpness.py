@@ -1,0 +1,143 @@
+"""Edge-of-stability sharpness as a torchmetric (family ``sharpness``).
+
+Sharpness is the largest algebraic eigenvalue lambda_1 of the Hessian of the training loss on a fixed
+probe set (Cohen et al. 2021, "Gradient descent on neural networks typically occurs at the edge of
+stability"). Gradient descent is stable on a quadratic only while lambda_1 < 2/lr; in practice lambda_1
+rises to that line (progressive sharpening) and hovers there. For Adam the relevant quantity is the
+preconditioned sharpness lambda_1(P^-1/2 H P^-1/2) against (2 + 2 beta1) / ((1 - beta1) lr)
+(Cohen et al. 2022, "Adaptive gradient methods at the edge of stability").
+
+The loss is the one the optimizer minimizes, as the host computes it (Lightning's ``training_step``, HF's
+``compute_loss``), averaged over probe batches of the training batch size, so a sum-reduced loss keeps
+its scale. Lanczos is warm-started from the previous top eigenvector.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradwatch.config import Cadence, SharpnessConfig, WatchConfig
+from gradwatch.functional.hessian import HessianOperator, hutchinson_trace, lanczos_top_eigenvalues
+from gradwatch.functional.thresholds import adam_preconditioner, optimizer_threshold
+from gradwatch.metrics.base import Diagnostic, StepContext, Watched
+
+_FIELDS = ("lambda_max", "threshold", "ratio", "lambda_max_precond", "trace", "converged", "hvps")
+
+
+class Sharpness(Diagnostic):
+    """Top Hessian eigenvalue(s) of the training loss against the optimizer's stability threshold.
+
+    ``update(values)`` takes a dict with any of ``lambda_max``, ``threshold``, ``ratio``,
+    ``lambda_max_precond``, ``trace``, ``converged``, ``hvps`` and ``lambda_<i>`` (i = 2..top_k);
+    ``compute()`` returns their means over the interval as ``sharpness/<name>``. ``ratio`` is
+    lambda over threshold, where lambda is the preconditioned eigenvalue for Adam/AdamW and the plain
+    one otherwise.
+    """
+
+    family = "sharpness"
+    config_field = "sharpness"
+    needs = frozenset({"probe", "optimizer"})
+
+    def __init__(self, config: SharpnessConfig, **kwargs: Any) -> None:
+        kwargs.setdefault("sync_on_compute", False)  # computed on rank zero from the unwrapped model
+        super().__init__(**kwargs)
+        self.config = config
+        self.names = _FIELDS + tuple(f"lambda_{i}" for i in range(2, config.top_k + 1))
+        self.add_state("total", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("count", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+        self._warm: Tensor | None = None
+        self._warm_precond: Tensor | None = None
+        self._said_unknown = False
+
+    @classmethod
+    def from_watch(cls, config: WatchConfig, watched: Sequence[Watched]) -> list[Diagnostic]:
+        return [] if config.sharpness is None else [cls(config.sharpness)]  # type: ignore[arg-type]
+
+    def cadence(self) -> Cadence:
+        return self.config.every  # type: ignore[return-value]
+
+    def update(self, values: dict[str, float]) -> None:  # type: ignore[override]
+        for name, value in values.items():
+            i = self.names.index(name)
+            if math.isfinite(value):
+                self.total[i] += value
+                self.count[i] += 1
+
+    def compute(self) -> dict[str, Tensor]:
+        """Means over the interval; ``lambda_max``, ``converged`` and ``hvps`` always (NaN after a failure),
+        the others only where they apply (a threshold is known, Adam state exists, the trace is on)."""
+        mean = self.total / self.count
+        present = self.count > 0
+        return {f"sharpness/{n}": mean[i] for i, n in enumerate(self.names)
+                if n in ("lambda_max", "converged", "hvps") or present[i]}
+
+    def layout(self) -> dict[str, dict[str, list]]:
+        return {"sharpness": {
+            "lambda_max vs threshold": ["Multiline", ["^sharpness/lambda_max$", "^sharpness/lambda_max_precond$",
+                                                      "^sharpness/threshold$"]],
+            "lambda / threshold": ["Multiline", ["^sharpness/ratio$"]],
+        }}
+
+    def _lanczos(self, matvec: Any, dim: int, warm: Tensor | None, device: torch.device) -> Any:
+        cfg = self.config
+        return lanczos_top_eigenvalues(matvec, dim, k=cfg.top_k, max_iter=cfg.max_iter, tol=cfg.tol,
+                                       init=warm if cfg.warm_start else None, device=device)
+
+    def observe(self, ctx: StepContext) -> None:
+        probe = ctx.probe()
+        batches = probe.batches(drop_last=True)  # full training-size batches keep a summed loss's scale
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        values: dict[str, float] = {}
+        with ctx.extra_pass() as model:
+            def loss() -> Tensor:
+                total = sum(probe.training_loss(model, b) for b in batches)
+                return total / len(batches)
+
+            with HessianOperator(loss, params) as op:
+                res = self._lanczos(op.matvec, op.dim, self._warm, op.device)
+                self._warm = res.eigenvectors[:, 0].detach()
+                values["lambda_max"] = float(res.eigenvalues[0])
+                for i in range(1, len(res.eigenvalues)):
+                    values[f"lambda_{i + 1}"] = float(res.eigenvalues[i])
+                converged = res.converged
+                hvps = res.num_matvecs
+                info = optimizer_threshold(ctx.optimizer) if ctx.optimizer is not None else None
+                lam_for_ratio = values["lambda_max"]
+                if info is not None and info.preconditioned and self.config.precondition:
+                    diag = adam_preconditioner(ctx.optimizer, params)
+                    if diag is not None:
+                        inv_sqrt = diag.to(op.device, torch.float64).rsqrt()
+
+                        def precond_matvec(v: Tensor) -> Tensor:
+                            return inv_sqrt * op.matvec(inv_sqrt * v)
+
+                        pres = self._lanczos(precond_matvec, op.dim, self._warm_precond, op.device)
+                        self._warm_precond = pres.eigenvectors[:, 0].detach()
+                        values["lambda_max_precond"] = float(pres.eigenvalues[0])
+                        lam_for_ratio = values["lambda_max_precond"]
+                        converged = converged and pres.converged
+                        hvps += pres.num_matvecs
+                    else:
+                        lam_for_ratio = float("nan")  # no optimizer state before the first step
+                if self.config.trace_samples:
+                    tr = hutchinson_trace(op.matvec, op.dim, num_samples=self.config.trace_samples, device=op.device)
+                    values["trace"] = tr.estimate
+                    hvps += tr.num_matvecs
+        if info is None or info.kind == "unknown":
+            if not self._said_unknown:
+                warnings.warn(f"gradwatch: no stability threshold is known for "
+                              f"{type(ctx.optimizer).__name__}; logging sharpness/lambda_max alone",
+                              RuntimeWarning, stacklevel=2)
+                self._said_unknown = True
+        else:
+            values["threshold"] = info.threshold
+            values["ratio"] = lam_for_ratio / info.threshold
+        values["converged"] = float(converged)
+        values["hvps"] = float(hvps)
+        self.update(values)
