@@ -57,10 +57,12 @@ def digits_dataset() -> TensorDataset:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--every", type=int, default=10, help="gradient spectra every N optimizer steps")
     parser.add_argument("--log-dir", default="runs")
+    parser.add_argument("--max-overhead", type=float, default=0.05,
+                        help="share of wall time gradwatch may take; due work is postponed beyond it")
     args = parser.parse_args(argv)
 
     L.seed_everything(0, verbose=False)
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> str:
     watch = GradWatch(
         spectra=gradwatch.SpectraConfig(every=args.every, heatmap_every=args.every * 10,
                                         per_example=True, per_example_every=args.every * 10),
+        max_overhead=args.max_overhead,
     )
     logger = TensorBoardLogger(args.log_dir, name="quickstart")
     trainer = L.Trainer(max_epochs=args.epochs, logger=logger, callbacks=[watch], log_every_n_steps=10,
