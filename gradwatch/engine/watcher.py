@@ -97,6 +97,7 @@ class Watcher:
         self._restored: dict[str, Any] | None = None
         self.steps_seen = 0
         self.skipped_steps = 0
+        self._computed_once = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class Watcher:
                probe_factory: Callable[[int], ProbeSet] | None = None) -> None:
         """Find the layers, build the diagnostics, write the dashboard layout. Raises on bad patterns."""
         t0 = time.perf_counter()
+        self._wall_start = t0  # attach's own time counts in both numerator and denominator
         self.model = unwrap_model(model)
         self.is_rank_zero = is_rank_zero
         self.sinks = list(sinks)
@@ -130,7 +132,6 @@ class Watcher:
         if self.is_rank_zero:
             for sink in self.sinks:
                 sink.write_layout(layout)
-        self._wall_start = time.perf_counter()
         self._engine_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
@@ -183,10 +184,11 @@ class Watcher:
             return {}
         self.steps_seen += 1
         budget = self.config.max_overhead
-        if budget is not None and self._engine_seconds > 0 and self.overhead() > budget:
+        if budget is not None and self._computed_once and self.overhead() > budget:
             return {}  # postponed: the pending diagnostics run at the first step back under budget
         run = sorted(self._pending)
         self._pending.clear()
+        self._computed_once = True
         ctx = self._context(step, optimizer, grad_scale)
         results: dict[str, Tensor] = {}
         for i in run:
@@ -277,7 +279,7 @@ class Watcher:
     # ---- errors ---------------------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        if True:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
