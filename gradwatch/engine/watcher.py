@@ -279,7 +279,7 @@ class Watcher:
     # ---- errors ---------------------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str) -> None:
-        if True:
+        if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
