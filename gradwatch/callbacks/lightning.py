@@ -110,7 +110,8 @@ class GradWatch(Callback):
             else:
                 log_dir = self.config.log_dir or os.path.join(trainer.default_root_dir, "gradwatch")
                 sink = TensorBoardSink(log_dir=log_dir)
-                print(f"gradwatch: no TensorBoardLogger on this Trainer; writing TensorBoard files to {log_dir}")
+                why = "log_dir was given" if self.config.log_dir is not None else "no TensorBoardLogger on this Trainer"
+                print(f"gradwatch: {why}; writing TensorBoard files to {log_dir}")
             self.log_dir = sink.log_dir
             sinks.append(sink)
         loader = _first_loader(getattr(trainer, "train_dataloader", None))
