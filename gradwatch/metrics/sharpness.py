@@ -30,6 +30,18 @@ from gradwatch.metrics.base import Diagnostic, StepContext, Watched
 _FIELDS = ("lambda_max", "threshold", "ratio", "lambda_max_precond", "trace", "converged", "hvps")
 
 
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a host wrapper (accelerate's ``AcceleratedOptimizer`` subclasses
+    ``torch.optim.Optimizer`` but is not an ``SGD``/``Adam``; Lightning's ``LightningOptimizer``), so the
+    threshold and Adam's state are read from the real one."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
 class Sharpness(Diagnostic):
     """Top Hessian eigenvalue(s) of the training loss against the optimizer's stability threshold.
 
@@ -94,6 +106,7 @@ class Sharpness(Diagnostic):
         batches = probe.batches(drop_last=True)  # full training-size batches keep a summed loss's scale
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         values: dict[str, float] = {}
+        optimizer = _unwrap_optimizer(ctx.optimizer)
         with ctx.extra_pass() as model:
             def loss() -> Tensor:
                 total = sum(probe.training_loss(model, b) for b in batches)
@@ -107,10 +120,10 @@ class Sharpness(Diagnostic):
                     values[f"lambda_{i + 1}"] = float(res.eigenvalues[i])
                 converged = res.converged
                 hvps = res.num_matvecs
-                info = optimizer_threshold(ctx.optimizer) if ctx.optimizer is not None else None
+                info = optimizer_threshold(optimizer) if optimizer is not None else None
                 lam_for_ratio = values["lambda_max"]
                 if info is not None and info.preconditioned and self.config.precondition:
-                    diag = adam_preconditioner(ctx.optimizer, params)
+                    diag = adam_preconditioner(optimizer, params)
                     if diag is not None:
                         inv_sqrt = diag.to(op.device, torch.float64).rsqrt()
 
@@ -132,7 +145,7 @@ class Sharpness(Diagnostic):
         if info is None or info.kind == "unknown":
             if not self._said_unknown:
                 warnings.warn(f"gradwatch: no stability threshold is known for "
-                              f"{type(ctx.optimizer).__name__}; logging sharpness/lambda_max alone",
+                              f"{type(optimizer).__name__}; logging sharpness/lambda_max alone",
                               RuntimeWarning, stacklevel=2)
                 self._said_unknown = True
         else:
