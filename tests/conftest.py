@@ -20,3 +20,14 @@ def read_tb_scalars(log_dir: str | os.PathLike) -> pd.DataFrame:
 def tb_scalars() -> Callable[[str | os.PathLike], pd.DataFrame]:
     """``tb_scalars(log_dir)`` -> DataFrame(step, tag, value) read back from TensorBoard event files."""
     return read_tb_scalars
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_for_tiny_models():
+    """Tiny test models run faster on one thread (two threads on two busy cores cost ~1 s per step)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

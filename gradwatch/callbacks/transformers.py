@@ -45,12 +45,24 @@ def find_calling_trainer(max_depth: int = 12) -> Trainer | None:
 
 def hf_training_loss(trainer: Trainer) -> Any:
     """The loss the HF Trainer minimizes on a batch: ``compute_loss``, with ``num_items_in_batch`` counted as
-    the training loop counts it (labels other than -100, before the causal shift)."""
+    the training loop counts it (``Trainer._get_num_items_in_batch`` where it exists: labels other than -100,
+    after the causal shift for models whose loss shifts labels; else every label other than -100).
+
+    Holds the Trainer by weak reference, so a callback that outlives its Trainer does not keep it (its model,
+    optimizer state and data) alive."""
+    trainer_ref = weakref.ref(trainer)
 
     def loss(model: nn.Module, batch: Any) -> Tensor:
+        trainer = trainer_ref()
+        if trainer is None:
+            raise RuntimeError("gradwatch: the Trainer this loss belongs to no longer exists")
         num_items = None
-        if getattr(trainer, "model_accepts_loss_kwargs", False) and isinstance(batch, dict) and "labels" in batch:
-            num_items = (batch["labels"] != -100).sum()
+        if isinstance(batch, dict) and "labels" in batch:
+            count = getattr(trainer, "_get_num_items_in_batch", None)
+            if count is not None:
+                num_items = count([batch], batch["labels"].device)
+            elif getattr(trainer, "model_accepts_loss_kwargs", False):
+                num_items = (batch["labels"] != -100).sum()
         return trainer.compute_loss(model, batch, num_items_in_batch=num_items)
 
     return loss
@@ -78,7 +90,7 @@ class GradWatch(TrainerCallback):
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tb_writer = tb_writer
         self._clip_norm: Tensor | float | None = None
-        self._wrapped: tuple[Any, Any] | None = None
+        self._wrapped: tuple[Any, Any, Any, bool] | None = None
         self.log_dir: str | None = None
 
     # ---- finding the Trainer --------------------------------------------------------------
@@ -125,6 +137,7 @@ class GradWatch(TrainerCallback):
         self.log_dir = sink.log_dir if sink is not None else None
         if trainer is not None and self._wrapped is None:
             original = trainer._clip_grad_norm
+            had_own = "_clip_grad_norm" in vars(trainer)  # already wrapped on the instance (another callback)
 
             def clip_and_remember(model_: nn.Module) -> Any:
                 norm = original(model_)
@@ -132,7 +145,7 @@ class GradWatch(TrainerCallback):
                 return norm
 
             trainer._clip_grad_norm = clip_and_remember  # observe only: same call, same return value
-            self._wrapped = (trainer, original)
+            self._wrapped = (trainer, original, clip_and_remember, had_own)
         loader = train_dataloader
         training_loss = hf_training_loss(trainer) if trainer is not None else None
         model = model if model is not None else getattr(trainer, "model", None)
@@ -175,9 +188,15 @@ class GradWatch(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._wrapped is not None:
-            trainer, original = self._wrapped
-            if trainer._clip_grad_norm is not original:
-                del trainer._clip_grad_norm  # the instance attribute goes; the class method is back
+            trainer, original, wrapper, had_own = self._wrapped
+            # Undo only our own wrapper, and only while it is the outermost one: put back what was there (the
+            # class method, or an instance-level wrapper of someone else). A wrapper put over ours stays; ours
+            # then just passes the call through.
+            if vars(trainer).get("_clip_grad_norm") is wrapper:
+                if had_own:
+                    trainer._clip_grad_norm = original
+                else:
+                    del trainer._clip_grad_norm
             self._wrapped = None
         self.watcher.close()
 

@@ -11,6 +11,11 @@ _HF_MODULE = "transformers.integrations.integration_utils"
 
 
 def _register() -> None:
+    glue = sys.modules.get("gradwatch.integrations.huggingface")
+    if glue is not None and not hasattr(glue, "register_report_to"):
+        # Its own import of transformers' integration table brought us here: it is half-initialized and
+        # registers itself when its body finishes (importing it now would fail as a circular import).
+        return
     from gradwatch.integrations.huggingface import register_report_to
 
     register_report_to()

@@ -35,6 +35,10 @@ class GradWatchTrainingArguments(TrainingArguments):
     gradwatch_max_overhead: float = field(default=0.05, metadata={"help": "share of wall time gradwatch may use"})
     gradwatch_on_error: str = field(default="warn", metadata={"help": "warn | raise"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        config_from_training_args(self)  # a bad gradwatch_* value fails here (ValueError), not at train time
+
 
 def config_from_training_args(args: Any) -> WatchConfig:
     """The :class:`WatchConfig` described by ``gradwatch_*`` fields (defaults where absent)."""
@@ -98,3 +102,6 @@ def register_report_to() -> bool:
         return False  # this transformers keeps report_to names elsewhere: use callbacks=[GradWatch()]
     table[REPORT_TO_NAME] = GradWatchTensorBoardCallback
     return True
+
+
+register_report_to()  # importing this module first (before transformers' table) must register too

@@ -265,11 +265,6 @@ def test_hf_hessian_of_compute_loss_gpt2(gpt2_run: dict[str, Any]) -> None:
     assert gpt2_run["loss"] == pytest.approx(gpt2_run["mean_ce"] * 7 / 8, rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in gradwatch.callbacks.transformers.hf_training_loss: num_items_in_batch counts every label, but "
-    "transformers 5.x's training loop (Trainer._get_num_items_in_batch) counts labels[..., 1:] for models whose "
-    "loss_type is ForCausalLM (Llama; not GPT-2, whose loss_type is None), so the probed loss, and lambda_max, "
-    "are (T-1)/T = 7/8 of the trained loss's here"))
 def test_hf_probe_loss_is_training_loop_loss_llama(tmp_path: Any) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
