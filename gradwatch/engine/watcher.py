@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradwatch.config import Cadence, WatchConfig
+from gradwatch.config import WatchConfig
 from gradwatch.engine.layers import Discovery, discover_matrices, gradient_matrices, unwrap_model
 from gradwatch.engine.probe import ProbeSet
 from gradwatch.metrics import DIAGNOSTICS
@@ -98,6 +98,7 @@ class Watcher:
         self.steps_seen = 0
         self.skipped_steps = 0
         self._computed_once = False
+        self._heatmaps_due: set[int] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -176,6 +177,9 @@ class Watcher:
         assert self.model is not None and self.discovery is not None
         due = [i for i, d in enumerate(self.diagnostics) if d.cadence().is_due(step)]
         self._pending.update(due)
+        # a heatmap due now is drawn at the diagnostic's next run, even if the budget postpones that run
+        self._heatmaps_due.update(i for i, d in enumerate(self.diagnostics)
+                                  if (c := d.heatmap_cadence()) is not None and c.is_due(step))
         if not self._pending:
             self.steps_seen += 1
             return {}
@@ -260,15 +264,15 @@ class Watcher:
 
     def _record_heatmaps(self, step: int, scalars: dict[str, float], ran: Sequence[int]) -> None:
         for i in ran:
-            d = self.diagnostics[i]
-            cadence: Cadence | None = d.heatmap_cadence()
-            for spec in d.heatmaps():
+            draw = i in self._heatmaps_due
+            for spec in self.diagnostics[i].heatmaps():
                 steps, cols = self._history.setdefault(spec.name, ([], []))
                 steps.append(step)
                 cols.append(np.array([scalars.get(t, np.nan) for t in spec.rows], dtype=np.float64))
                 del steps[:-MAX_HEATMAP_COLUMNS], cols[:-MAX_HEATMAP_COLUMNS]
-                if cadence is not None and cadence.is_due(step) and len(steps) >= 2:
+                if draw and len(steps) >= 2:
                     self._emit_heatmap(spec, step)
+            self._heatmaps_due.discard(i)
 
     def _emit_heatmap(self, spec: HeatmapSpec, step: int) -> None:
         steps, cols = self._history[spec.name]
@@ -298,6 +302,7 @@ class Watcher:
                             for i, d in enumerate(self.diagnostics)},
             "heatmaps": {k: (list(s), [c.tolist() for c in cols]) for k, (s, cols) in self._history.items()},
             "pending": sorted(self._pending),
+            "heatmaps_due": sorted(self._heatmaps_due),
             "engine_seconds": self._engine_seconds,
             "steps_seen": self.steps_seen,
             "skipped_steps": self.skipped_steps,
@@ -307,6 +312,7 @@ class Watcher:
         self._history = {k: (list(s), [np.asarray(c, dtype=np.float64) for c in cols])
                          for k, (s, cols) in state.get("heatmaps", {}).items()}
         self._pending = set(state.get("pending", []))
+        self._heatmaps_due = set(state.get("heatmaps_due", []))
         self.steps_seen = int(state.get("steps_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.diagnostics:

@@ -174,3 +174,23 @@ def test_extra_pass_is_observe_only():
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training and model[0].training and not model[1].training and model[2].training
     assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
+
+
+def test_heatmap_due_during_a_postponement_is_drawn_at_the_next_run(monkeypatch):
+    model, sink = _model_with_grads(), RecordingSink()
+    original = GradSpectrum.observe
+
+    def slow_observe(self, ctx):
+        time.sleep(0.03)
+        original(self, ctx)
+
+    monkeypatch.setattr(GradSpectrum, "observe", slow_observe)
+    watcher = _watch(model, sink, spectra=gradwatch.SpectraConfig(every=1, heatmap_every=5), max_overhead=0.25)
+    for step in range(1, 41):
+        watcher.on_gradients_ready(step)
+        time.sleep(0.01)
+    runs = sorted(sink.scalars)
+    drawn = sorted({step for name, step, _ in sink.heatmaps})
+    assert len(runs) < 40  # the budget postponed work
+    assert drawn and set(drawn) <= set(runs)
+    assert any(step % 5 for step in drawn) or all(step % 5 == 0 for step in runs[1:])
