@@ -21,7 +21,9 @@ float32 (``"gram32"``) it does not: anything below ~3e-4 * s_1 is rounding noise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -47,13 +49,46 @@ def as_matrix(tensor: Tensor) -> Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def symmetric_eigenvalues(matrices: Tensor) -> Tensor:
+    """Ascending eigenvalues of a stack of symmetric matrices (B, n, n).
+
+    On a multi-core CPU the matrices are solved concurrently, one per core, each single-threaded: LAPACK's
+    tridiagonal reduction is memory-bound and scales poorly over threads, so this was 2x to 3.4x faster
+    than one batched ``eigvalsh`` (or a loop of them) on 2 cores for 384- and 768-wide Gram matrices.
+    Elsewhere (GPU, one thread, one matrix) it is one batched ``torch.linalg.eigvalsh``.
+    """
+    global _POOL
+    workers = torch.get_num_threads()
+    if matrices.device.type != "cpu" or workers < 2 or matrices.shape[0] < 2:
+        return torch.linalg.eigvalsh(matrices)
+    if _POOL is None or _POOL[0] != workers:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="gradwatch-eigvalsh"))
+    with _torch_threads(1):
+        return torch.stack(list(_POOL[1].map(torch.linalg.eigvalsh, matrices.unbind(0))))
+
+
 def _gram_eigen_singular_values(stack: Tensor, dtype: torch.dtype) -> Tensor:
     """Descending singular values of each matrix of ``stack`` (B, m, n) via the smaller Gram matrix."""
     a = stack.to(dtype)
     if a.shape[-2] > a.shape[-1]:
         a = a.transpose(-2, -1)
     gram = a @ a.transpose(-2, -1)
-    eig = torch.linalg.eigvalsh(gram)  # ascending
+    eig = symmetric_eigenvalues(gram)  # ascending
     return eig.clamp_min(0).sqrt().flip(-1)
 
 
@@ -142,7 +177,10 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
     for (_, _, _), idx in groups.items():
         stack = torch.stack([matrices[i] for i in idx])
         bad = ~torch.isfinite(stack).flatten(1).all(-1)
-        stack = torch.where(bad[:, None, None], torch.zeros((), dtype=stack.dtype, device=stack.device), stack)
+        if stack.device.type != "cpu" or bool(bad.any()):  # on CPU the check is free; on a GPU, no sync
+            stack = torch.where(bad[:, None, None], torch.zeros((), dtype=stack.dtype, device=stack.device), stack)
+        if method != "gram32":
+            stack = stack.double()  # one float64 copy serves the Frobenius norm and the solve
         fro_sq = stack.double().square().sum((-2, -1))
         values = spectrum_statistics(batched_singular_values(stack, method), fro_sq, stats)
         index = torch.tensor(idx, device=device)

@@ -1,0 +1,174 @@
+"""Training wall time with and without gradwatch's Lightning callback at its default settings.
+
+A small GPT-2 (built from a config; nothing is downloaded) trains on synthetic random tokens on the
+CPU. Runs alternate baseline, gradwatch, baseline, gradwatch, ... (``--pairs`` pairs) after one short
+warm-up pair, each from the same seed on the same data with the same TensorBoardLogger set-up (so the
+logging cost is equal); the time of ``trainer.fit`` is measured. The report gives each pair's ratio,
+their median, gradwatch's own ``gradwatch/overhead`` estimate (``cb.watcher.overhead()`` after fit)
+and whether the gradwatch run ended with bitwise the same weights as its baseline (it must: gradwatch
+only observes).
+
+    python benchmarks/overhead.py                 # 300 steps, 2 pairs, batch 16 x 64
+    python benchmarks/overhead.py --steps 1000 --pairs 3
+
+Without ``transformers`` the model is ``lightning.pytorch.demos.Transformer`` of similar size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from gradwatch.callbacks.lightning import GradWatch
+
+
+def build_model(kind: str, vocab: int, seq: int) -> nn.Module:
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_layer=4, n_embd=192, n_head=4, n_positions=seq, vocab_size=vocab,
+                            bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(config)
+    from lightning.pytorch.demos import Transformer
+
+    return Transformer(vocab_size=vocab, ninp=192, nhead=4, nhid=768, nlayers=2, dropout=0.1)
+
+
+class LanguageModel(pl.LightningModule):
+    """Next-token prediction with AdamW; logs its training loss like any user's module."""
+
+    def __init__(self, kind: str, vocab: int, seq: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.model = build_model(kind, vocab, seq)
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        (ids,) = batch
+        if self.kind == "gpt2":
+            loss = self.model(input_ids=ids, labels=ids).loss
+        else:
+            out = self.model(ids[:, :-1], ids[:, 1:])
+            loss = nn.functional.nll_loss(out, ids[:, 1:].reshape(-1))
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int,
+               root: str, name: str) -> tuple[float, float, dict[str, Tensor], GradWatch | None]:
+    """One seeded run; returns fit()'s wall seconds and process CPU seconds, the final weights, the callback."""
+    pl.seed_everything(seed, verbose=False)
+    module = LanguageModel(kind, vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
+    callback = GradWatch() if with_gradwatch else None
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
+        logger=TensorBoardLogger(root, name=name), callbacks=[callback] if callback else [],
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        log_every_n_steps=50, num_sanity_val_steps=0, deterministic=True,
+    )
+    loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=0)
+    c0, t0 = time.process_time(), time.perf_counter()
+    trainer.fit(module, loader)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return seconds, cpu_seconds, weights, callback
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+    parser.add_argument("--pairs", type=int, default=2, help="timed baseline/gradwatch pairs (default 2)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--model", choices=["gpt2", "demo"], default=None,
+                        help="gpt2 (default when transformers is installed) or lightning's demo Transformer")
+    parser.add_argument("--warmup-steps", type=int, default=20, help="steps of the untimed warm-up pair")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for flag in ("steps", "pairs", "batch", "seq", "vocab"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    kind = args.model
+    if kind is None:
+        try:
+            import transformers  # noqa: F401
+            kind = "gpt2"
+        except ImportError:
+            kind = "demo"
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*|.*log_every_n_steps.*")
+    for noisy in ("lightning.pytorch", "lightning.fabric", "transformers"):
+        import logging
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    g = torch.Generator().manual_seed(args.seed)
+    n_seq = args.batch * args.steps  # one epoch = the run: every step sees a new batch
+    data = TensorDataset(torch.randint(0, args.vocab, (n_seq, args.seq), generator=g))
+    probe = LanguageModel(kind, args.vocab, args.seq)
+    n_params = sum(p.numel() for p in probe.parameters())
+    del probe
+    print(f"model: {kind} ({n_params / 1e6:.2f}M parameters), synthetic tokens, batch {args.batch} x {args.seq}, "
+          f"vocab {args.vocab}, AdamW; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("gradwatch: GradWatch() at default settings (spectra every 50 steps; TensorBoardLogger shared)")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        warm = min(args.warmup_steps, args.steps)
+        train_once(False, kind, data, warm, args.batch, args.seed, root, "warmup_baseline")
+        train_once(True, kind, data, warm, args.batch, args.seed, root, "warmup_gradwatch")
+        for i in range(args.pairs):
+            base_s, base_c, base_w, _ = train_once(False, kind, data, args.steps, args.batch, args.seed, root,
+                                                   f"baseline_{i}")
+            gw_s, gw_c, gw_w, cb = train_once(True, kind, data, args.steps, args.batch, args.seed, root,
+                                              f"gradwatch_{i}")
+            assert cb is not None
+            same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
+            rows.append((base_s, gw_s, gw_s / base_s, base_c, gw_c, gw_c / base_c, cb.watcher.overhead(), same))
+            print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s", flush=True)
+
+    print(f"\nsteps {args.steps}, {args.pairs} pairs (baseline, gradwatch alternating); wall = time of trainer.fit, "
+          "cpu = process CPU time of trainer.fit (all threads); median over pairs")
+    header = (f"{'pair':>4} {'steps':>6} {'baseline s':>11} {'gradwatch s':>12} {'ratio':>7} | {'cpu base s':>11} "
+              f"{'cpu gw s':>9} {'cpu ratio':>9} | {'gradwatch/overhead':>19} {'same weights':>13}")
+    print(header)
+    print("-" * len(header))
+
+    def line(label: str, r: Sequence[Any]) -> str:
+        return (f"{label:>4} {args.steps:>6} {r[0]:>11.2f} {r[1]:>12.2f} {r[2]:>7.3f} | {r[3]:>11.2f} {r[4]:>9.2f} "
+                f"{r[5]:>9.3f} | {r[6]:>19.2%} {str(r[7]):>13}")
+
+    for i, r in enumerate(rows):
+        print(line(str(i), r))
+    print("-" * len(header))
+    med = [statistics.median(r[j] for r in rows) for j in range(7)] + [all(r[7] for r in rows)]
+    print(line("med", med))
+    median_ratio = med[2]
+    if len(rows) > 1:
+        print(f"ratio over pairs ranges {min(r[2] for r in rows):.3f} .. {max(r[2] for r in rows):.3f}: differences "
+              "within this spread are run-to-run noise (more pairs: --pairs)")
+    print(f"target wall-time ratio <= 1.05: {'met' if median_ratio <= 1.05 else 'NOT met'} "
+          f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
