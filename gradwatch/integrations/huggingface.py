@@ -32,7 +32,8 @@ class GradWatchTrainingArguments(TrainingArguments):
     gradwatch_sharpness_probe_size: int = field(default=256, metadata={"help": "probe examples for sharpness"})
     gradwatch_include: str = field(default="*", metadata={"help": "comma-separated globs over parameter names"})
     gradwatch_exclude: str = field(default="", metadata={"help": "comma-separated globs to leave out"})
-    gradwatch_max_overhead: float = field(default=0.05, metadata={"help": "share of wall time gradwatch may use"})
+    gradwatch_max_overhead: float = field(default=0.05, metadata={"help": "share of wall time gradwatch may use "
+                                                                          "(0: no budget)"})
     gradwatch_on_error: str = field(default="warn", metadata={"help": "warn | raise"})
 
     def __post_init__(self) -> None:
@@ -58,7 +59,7 @@ def config_from_training_args(args: Any) -> WatchConfig:
         sharpness = SharpnessConfig(every=sharpness_every, probe_size=get("sharpness_probe_size", 256))
     split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
     return WatchConfig(spectra=spectra, sharpness=sharpness, include=split(get("include", "*")) or ("*",),
-                       exclude=split(get("exclude", "")), max_overhead=get("max_overhead", 0.05),
+                       exclude=split(get("exclude", "")), max_overhead=get("max_overhead", 0.05) or None,
                        on_error=get("on_error", "warn"))
 
 

@@ -175,6 +175,8 @@ def test_defaults_when_fields_absent() -> None:
                                                        gradwatch_sharpness_every=20, gradwatch_sharpness_probe_size=8))
     assert config.spectra.per_example and config.spectra.per_example_every.is_due(7)
     assert config.sharpness is not None and config.sharpness.probe_size == 8 and config.sharpness.every.is_due(20)
+    assert config.max_overhead == 0.05
+    assert config_from_training_args(SimpleNamespace(gradwatch_max_overhead=0)).max_overhead is None  # no budget
 
 
 @pytest.mark.parametrize("flag, value, choices", [
