@@ -12,14 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-SPECTRUM_STATS: tuple[str, ...] = (
-    "nuclear_norm",
-    "spectral_norm",
-    "frobenius_norm",
-    "stable_rank",
-    "effective_rank",
-    "top1_ratio",
-)
+from gradwatch.functional.spectra import STATISTICS
+
+SPECTRUM_STATS: tuple[str, ...] = STATISTICS
 SPECTRUM_METHODS: tuple[str, ...] = ("gram", "gram32", "svdvals")
 ON_ERROR_CHOICES: tuple[str, ...] = ("warn", "raise")
 

@@ -31,3 +31,12 @@ def _one_thread_for_tiny_models():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def read_scalars(log_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of every scalar under ``log_dir`` (``from conftest import read_scalars``)."""
+    df = read_tb_scalars(log_dir)
+    out: dict[str, dict[int, float]] = {}
+    for tag, step, value in zip(df["tag"], df["step"], df["value"]):
+        out.setdefault(tag, {})[int(step)] = float(value)
+    return out

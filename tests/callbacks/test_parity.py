@@ -27,6 +27,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from gradwatch import SPECTRUM_STATS, SpectraConfig  # noqa: E402
 from gradwatch.callbacks.lightning import GradWatch as LightningGradWatch  # noqa: E402
 from gradwatch.callbacks.transformers import GradWatch as HFGradWatch  # noqa: E402
+from conftest import read_scalars
 
 RTOL = 1e-5
 N, D, C = 32, 16, 3
@@ -34,16 +35,6 @@ LR = 0.5
 STEPS = 6
 MAX_GRAD_NORM = 0.5
 WATCHED = ("net.0.weight", "net.2.weight", "net.4.weight")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Any:
-    """Tiny models run fastest on one intra-op thread; two threads on a busy 2-core machine were measured
-    ~100x slower per forward (OpenMP threads waiting on each other). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class MLPClassifier(nn.Module):
@@ -97,13 +88,6 @@ def initial_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return copy.deepcopy(MLPClassifier().state_dict())
 
-
-def read_scalars(log_dir: str) -> dict[str, dict[int, float]]:
-    df = SummaryReader(log_dir).scalars
-    out: dict[str, dict[int, float]] = {}
-    for tag, step, value in zip(df["tag"], df["step"], df["value"]):
-        out.setdefault(tag, {})[int(step)] = float(value)
-    return out
 
 
 def spectra_only(scalars: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:

@@ -36,18 +36,9 @@ from transformers import (  # noqa: E402
 
 from gradwatch import SPECTRUM_STATS, SpectraConfig  # noqa: E402
 from gradwatch.callbacks.transformers import GradWatch  # noqa: E402
+from conftest import read_scalars
 
 RTOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Any:
-    """Tiny models run fastest on one intra-op thread; two threads on a busy 2-core machine were measured
-    ~100x slower per forward (OpenMP threads waiting on each other). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---- tiny models and data -------------------------------------------------------------------------
@@ -116,14 +107,6 @@ def numpy_stats(matrix: Any) -> dict[str, float]:
         "top1_ratio": float(s[0] / s.sum()),
     }
 
-
-def read_scalars(log_dir: str) -> dict[str, dict[int, float]]:
-    """``{tag: {step: value}}`` of every scalar under ``log_dir``, via tbparse."""
-    df = SummaryReader(log_dir).scalars
-    out: dict[str, dict[int, float]] = {}
-    for tag, step, value in zip(df["tag"], df["step"], df["value"]):
-        out.setdefault(tag, {})[int(step)] = float(value)
-    return out
 
 
 def spectrum_tags(scalars: dict[str, dict[int, float]], stat: str,

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tbparse")
 
 from tbparse import SummaryReader  # noqa: E402
+from conftest import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,13 +30,6 @@ def run_python(tmp_path: Any, *parts: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=240)
 
-
-def read_scalars(log_dir: str) -> dict[str, dict[int, float]]:
-    df = SummaryReader(log_dir).scalars
-    out: dict[str, dict[int, float]] = {}
-    for tag, step, value in zip(df["tag"], df["step"], df["value"]):
-        out.setdefault(tag, {})[int(step)] = float(value)
-    return out
 
 
 def test_import_gradwatch_imports_no_host_framework_and_glue_imports_first(tmp_path: Any) -> None:
