@@ -97,7 +97,8 @@ class Watcher:
         self._restored: dict[str, Any] | None = None
         self.steps_seen = 0
         self.skipped_steps = 0
-        self._computed_once = False
+        self._warmed: set[int] = set()  # diagnostics that have run once
+        self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
         self._heatmaps_due: set[int] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class Watcher:
             for sink in self.sinks:
                 sink.write_layout(layout)
         self._engine_seconds += time.perf_counter() - t0
+        self._warmup_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         if self.is_rank_zero:
@@ -167,11 +169,23 @@ class Watcher:
             self._engine_seconds += time.perf_counter() - t0
 
     def overhead(self) -> float:
-        """gradwatch's share of wall time since attach."""
+        """gradwatch's share of wall time since attach (everything it did, warm-up included)."""
+        return self._share(self._engine_seconds)
+
+    def _share(self, seconds: float) -> float:
         if self._wall_start is None:
             return 0.0
         wall = time.perf_counter() - self._wall_start
-        return self._engine_seconds / wall if wall > 0 else 0.0
+        return seconds / wall if wall > 0 else 0.0
+
+    def _over_budget(self) -> bool:
+        """Whether due work must wait. A diagnostic's first run always goes ahead, and one-off costs
+        (attach, first runs: lazy imports, thread pools, the probe draw) do not count against the budget,
+        so one slow start cannot silence a diagnostic for the rest of a run."""
+        budget = self.config.max_overhead
+        if budget is None or not (self._pending & self._warmed):
+            return False
+        return self._share(self._engine_seconds - self._warmup_seconds) > budget
 
     def _step(self, step: int, optimizer: Any, grad_scale: float | None, check_skipped: bool) -> dict[str, float]:
         assert self.model is not None and self.discovery is not None
@@ -187,17 +201,16 @@ class Watcher:
             self.skipped_steps += 1
             return {}
         self.steps_seen += 1
-        budget = self.config.max_overhead
-        if budget is not None and self._computed_once and self.overhead() > budget:
+        if self._over_budget():
             return {}  # postponed: the pending diagnostics run at the first step back under budget
         run = sorted(self._pending)
         self._pending.clear()
-        self._computed_once = True
         ctx = self._context(step, optimizer, grad_scale)
         results: dict[str, Tensor] = {}
         for i in run:
             d = self.diagnostics[i]
             name = type(d).__name__
+            t0 = time.perf_counter()
             try:
                 d.observe(ctx)
             except Exception as exc:  # a diagnostic never kills training unless strict
@@ -207,6 +220,9 @@ class Watcher:
             except Exception as exc:
                 self._fail(f"{name}.compute", exc)
             d.reset()
+            if i not in self._warmed:
+                self._warmed.add(i)
+                self._warmup_seconds += time.perf_counter() - t0
         scalars = self._transfer(results)
         scalars["gradwatch/overhead"] = self.overhead()
         for sink in self.sinks:
