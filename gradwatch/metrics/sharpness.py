@@ -10,17 +10,23 @@ preconditioned sharpness lambda_1(P^-1/2 H P^-1/2) against (2 + 2 beta1) / ((1 -
 The loss is the one the optimizer minimizes, as the host computes it (Lightning's ``training_step``, HF's
 ``compute_loss``), averaged over probe batches of the training batch size, so a sum-reduced loss keeps
 its scale. Lanczos is warm-started from the previous top eigenvector.
+
+Models stored in half precision (bf16/fp16 parameters) are measured in float32: float32 copies of the
+parameters and floating buffers are swapped in for the duration of the loss closure (torch's stateless
+reparametrization, so the host's own loss code runs unchanged) and floating probe inputs are cast to
+float32; the user's parameters and buffers are never modified and no ``.grad`` is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradwatch.config import Cadence, SharpnessConfig, WatchConfig
 from gradwatch.functional.hessian import HessianOperator, hutchinson_trace, lanczos_top_eigenvalues
@@ -40,6 +46,62 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
             break
         optimizer = inner
     return optimizer
+
+
+_FULL = (torch.float32, torch.float64)
+
+
+def _to_float32(batch: Any) -> Any:
+    """``batch`` with every half-precision floating tensor cast to float32 (containers rebuilt, others kept)."""
+    if isinstance(batch, Tensor):
+        return batch.float() if batch.is_floating_point() and batch.dtype not in _FULL else batch
+    if isinstance(batch, Mapping):
+        items = {k: _to_float32(v) for k, v in batch.items()}
+        try:
+            return type(batch)(items)  # dict, OrderedDict, HF BatchEncoding
+        except Exception:
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_float32(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_float32(v) for v in batch)
+    return batch
+
+
+def _reparametrize() -> Any:
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module
+    except ImportError:  # pragma: no cover - private API; every torch 2.x has it
+        return None
+    return _reparametrize_module
+
+
+@contextlib.contextmanager
+def _float32_view(model: nn.Module, params: Sequence[Tensor]) -> Iterator[list[Tensor] | None]:
+    """Float32 leaf copies of ``params`` (and of every other half-precision parameter and floating buffer)
+    swapped into ``model`` by name for the duration of the block; yields the copies of ``params`` in
+    order, or None where the model is already in full precision or the swap is not available. Tied
+    weights stay tied (every name of one tensor gets the same copy). Nothing of the model is modified."""
+    if all(p.dtype in _FULL for p in params):
+        yield None
+        return
+    reparametrize = _reparametrize()
+    if reparametrize is None:
+        yield None
+        return
+    copies: dict[int, Tensor] = {}
+    for p in params:
+        copies[id(p)] = p.detach().to(torch.float32).requires_grad_(True)
+    mapping: dict[str, Tensor] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) not in copies:
+            if not (t.is_floating_point() and t.dtype not in _FULL):
+                continue
+            copies[id(t)] = t.detach().to(torch.float32)
+        mapping[name] = copies[id(t)]
+    with reparametrize(model, mapping):
+        yield [copies[id(p)] for p in params]
 
 
 class Sharpness(Diagnostic):
@@ -66,6 +128,7 @@ class Sharpness(Diagnostic):
         self._warm: Tensor | None = None
         self._warm_precond: Tensor | None = None
         self._said_unknown = False
+        self._said_native = False
 
     @classmethod
     def from_watch(cls, config: WatchConfig, watched: Sequence[Watched]) -> list[Diagnostic]:
@@ -107,12 +170,20 @@ class Sharpness(Diagnostic):
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         values: dict[str, float] = {}
         optimizer = _unwrap_optimizer(ctx.optimizer)
-        with ctx.extra_pass() as model:
+        with ctx.extra_pass() as model, _float32_view(model, params) as full:
+            if full is None and any(p.dtype not in _FULL for p in params) and not self._said_native:
+                warnings.warn("gradwatch: cannot swap float32 copies into this half-precision model "
+                              "(torch.nn.utils.stateless._reparametrize_module is missing); sharpness is "
+                              "computed in the parameters' own dtype", RuntimeWarning, stacklevel=2)
+                self._said_native = True
+            if full is not None:
+                batches = [_to_float32(b) for b in batches]
+
             def loss() -> Tensor:
                 total = sum(probe.training_loss(model, b) for b in batches)
                 return total / len(batches)
 
-            with HessianOperator(loss, params) as op:
+            with HessianOperator(loss, full if full is not None else params) as op:
                 res = self._lanczos(op.matvec, op.dim, self._warm, op.device)
                 self._warm = res.eigenvectors[:, 0].detach()
                 values["lambda_max"] = float(res.eigenvalues[0])
