@@ -3,7 +3,7 @@
 A small CNN learns scikit-learn's handwritten digits (1,797 real 8x8 images that ship with the
 package: nothing is downloaded) with PyTorch Lightning. The only gradwatch line is the callback.
 
-    python examples/quickstart.py               # ~30 s on 2 CPU cores
+    python examples/quickstart.py               # ~15 s on 2 CPU cores
     tensorboard --logdir runs/quickstart        # then open the CUSTOM SCALARS and IMAGES tabs
 """
 
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--every", type=int, default=10, help="gradient spectra every N optimizer steps")
     parser.add_argument("--log-dir", default="runs")
-    parser.add_argument("--max-overhead", type=float, default=0.05,
+    # This CNN takes ~15 ms a step, less than one spectrum of all its layers, so the library's default 5%
+    # budget would thin the charts out to one point in ~25 steps; a demo can afford more.
+    parser.add_argument("--max-overhead", type=float, default=0.3,
                         help="share of wall time gradwatch may take; due work is postponed beyond it")
     args = parser.parse_args(argv)
 
