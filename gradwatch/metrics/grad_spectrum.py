@@ -139,38 +139,85 @@ class GradSpectrum(Diagnostic):
                             stat in _LOG_SCALE_STATS) for stat in self.stats]
 
 
+class _ProbeLoss(torch.nn.Module):
+    """``forward(batch)`` -> the probe's per-example loss of ``model``: a module for ``functional_call``."""
+
+    def __init__(self, model: torch.nn.Module, probe: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.probe = probe
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.probe.per_example_loss(self.model, batch)
+
+
 class PerExampleGradSpectrum(GradSpectrum):
     """The seed papers' protocol: per-example gradients of the watched layers on the probe set.
 
     For each of the first ``num_examples`` probe examples, the gradient of that example's own loss
-    (model in eval mode, ``torch.autograd.grad``: nothing is written to ``.grad``) is taken, each layer's
-    spectrum statistics computed, and the statistics averaged over the examples. Tags
-    ``grad_spectrum/per_example/<stat>/<param>``.
+    (model in eval mode; nothing is written to ``.grad``) is taken, each layer's spectrum statistics
+    computed, and the statistics averaged over the examples. Tags ``grad_spectrum/per_example/<stat>/<param>``.
+
+    The gradients come from ``torch.func.vmap(grad(...))`` over the examples, in chunks that keep the
+    per-example gradients under ``max_bytes``; where vmap cannot trace the model (data-dependent control
+    flow, non-tensor batch entries), from a loop of ``torch.autograd.grad`` calls, one example at a time.
     """
 
     needs = frozenset({"probe"})
     prefix = "grad_spectrum/per_example"
 
-    def __init__(self, *args: Any, num_examples: int = 16, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, num_examples: int = 16, max_bytes: int = 512 * 2**20, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.num_examples = num_examples
+        self.max_bytes = max_bytes
+        self.use_vmap = True  # set to False after vmap fails once on this model
 
     def observe(self, ctx: StepContext) -> None:
         probe = ctx.probe()
         names = list(dict.fromkeys(w.param_name for w in ctx.watched))
-        params = [ctx.params[n] for n in names]
         with ctx.extra_pass() as model:
-            for batch in probe.example_batches(self.num_examples):
-                loss = probe.per_example_loss(model, batch).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                by_name = dict(zip(names, grads))
-                mats, idx = [], []
-                for i, w in enumerate(ctx.watched):
-                    g = by_name[w.param_name]
-                    if g is not None:
-                        mats.append(w.matrix(g))
-                        idx.append(i)
-                self.update(mats, idx)
+            grads = self._vmap_gradients(model, probe, names, ctx.params) if self.use_vmap else None
+            if grads is None:
+                grads = self._loop_gradients(model, probe, names, ctx.params)
+        mats, idx = [], []
+        for i, w in enumerate(ctx.watched):  # every example's matrices in one grouped solve
+            g = grads.get(w.param_name)
+            if g is not None:
+                mats.extend(w.matrix(g_k) for g_k in g)
+                idx.extend([i] * len(g))
+        self.update(mats, idx)
+
+    def _loop_gradients(self, model: torch.nn.Module, probe: Any, names: list[str],
+                        params: Any) -> dict[str, list[Tensor]]:
+        out: dict[str, list[Tensor]] = {n: [] for n in names}
+        for batch in probe.example_batches(self.num_examples):
+            loss = probe.per_example_loss(model, batch).sum()
+            for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)):
+                if g is not None:
+                    out[n].append(g)
+        return {n: g for n, g in out.items() if g}
+
+    def _vmap_gradients(self, model: torch.nn.Module, probe: Any, names: list[str],
+                        params: Any) -> dict[str, Tensor] | None:
+        from torch.func import functional_call, grad, vmap
+        from torch.utils._pytree import tree_map
+
+        loss_module = _ProbeLoss(model, probe)
+        weights = {f"model.{n}": params[n].detach() for n in names}
+        per_example_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+        chunk = max(1, min(self.num_examples, self.max_bytes // max(per_example_bytes, 1)))
+
+        def example_loss(w: dict[str, Tensor], example: Any) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+            return functional_call(loss_module, w, (one,)).sum()
+
+        try:
+            batch = probe.batches(self.num_examples, batch_size=self.num_examples)[0]
+            g = vmap(grad(example_loss), in_dims=(None, 0), chunk_size=chunk)(weights, batch)
+        except Exception:  # vmap cannot trace this model or batch: the loop is exact too, only slower
+            self.use_vmap = False
+            return None
+        return {n: g[f"model.{n}"] for n in names}
 
     def heatmaps(self) -> list[HeatmapSpec]:
         return []
