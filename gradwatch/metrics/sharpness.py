@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from gradwatch.config import Cadence, SharpnessConfig, WatchConfig
 from gradwatch.functional.hessian import HessianOperator, hutchinson_trace, lanczos_top_eigenvalues
@@ -52,20 +53,9 @@ _FULL = (torch.float32, torch.float64)
 
 
 def _to_float32(batch: Any) -> Any:
-    """``batch`` with every half-precision floating tensor cast to float32 (containers rebuilt, others kept)."""
-    if isinstance(batch, Tensor):
-        return batch.float() if batch.is_floating_point() and batch.dtype not in _FULL else batch
-    if isinstance(batch, Mapping):
-        items = {k: _to_float32(v) for k, v in batch.items()}
-        try:
-            return type(batch)(items)  # dict, OrderedDict, HF BatchEncoding
-        except Exception:
-            return items
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_float32(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_float32(v) for v in batch)
-    return batch
+    """``batch`` (probe batches are plain dicts, lists and tuples) with half-precision floats cast to float32."""
+    return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point()
+                    and t.dtype not in _FULL else t, batch)
 
 
 def _reparametrize() -> Any:
