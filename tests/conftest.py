@@ -40,3 +40,20 @@ def read_scalars(log_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
     for tag, step, value in zip(df["tag"], df["step"], df["value"]):
         out.setdefault(tag, {})[int(step)] = float(value)
     return out
+
+
+class TokenData:
+    """``n`` fixed random token sequences as a map-style dataset of HF causal-LM examples (labels = inputs)."""
+
+    def __init__(self, n: int = 16, seq_len: int = 8, vocab: int = 50) -> None:
+        import torch
+
+        self.ids = torch.randint(1, vocab, (n, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}

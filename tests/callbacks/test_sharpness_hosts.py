@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gradwatch.callbacks.transformers import GradWatch as HFGradWatch  # noqa: E402
+from conftest import TokenData
 
 TAGS = ("sharpness/lambda_max", "sharpness/threshold", "sharpness/ratio", "sharpness/converged", "sharpness/hvps")
 
@@ -200,17 +201,6 @@ class Snapshot(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step + 1 == self.step:
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16, seq_len: int = 8, vocab: int = 50) -> None:
-        self.ids = torch.randint(1, vocab, (n, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from gradwatch.engine.watcher import Watcher
 from gradwatch.functional.hessian import HessianOperator, lanczos_top_eigenvalues
 
 from _lightning_helpers import TinyMLP  # noqa: E402
+from conftest import TokenData
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharpness_ddp_worker.py")
 
@@ -196,17 +197,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 from gradwatch.callbacks.transformers import GradWatch as HFGradWatch  # noqa: E402
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16, seq_len: int = 8, vocab: int = 50) -> None:
-        self.ids = torch.randint(1, vocab, (n, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
 def gpt2_run(tmp_path: Any, *, checkpointing: bool, with_gradwatch: bool) -> dict[str, Any]:
