@@ -12,7 +12,9 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
@@ -168,6 +170,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = inner
         else:
             return model
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a host's wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``), so diagnostics read the real class, param groups and state."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
 
 
 def gradient_matrices(discovery: Discovery, scale: float | Tensor | None = None) -> tuple[list[Tensor], list[int]]:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.config import WatchConfig
-from gradwatch.engine.layers import Discovery, discover_matrices, gradient_matrices, unwrap_model
+from gradwatch.engine.layers import (Discovery, discover_matrices, gradient_matrices, unwrap_model,
+                                     unwrap_optimizer)
 from gradwatch.engine.probe import ProbeSet
 from gradwatch.metrics import DIAGNOSTICS
 from gradwatch.metrics.base import Diagnostic, HeatmapSpec, StepContext
@@ -242,7 +243,8 @@ class Watcher:
                 cache["gradients"] = gradient_matrices(discovery, None if grad_scale in (None, 1.0) else grad_scale)
             return cache["gradients"]
 
-        return StepContext(step=step, model=self.model, optimizer=optimizer, watched=discovery.matrices,
+        return StepContext(step=step, model=self.model, optimizer=unwrap_optimizer(optimizer),
+                           watched=discovery.matrices,
                            params=discovery.params, gradients=gradients, probe=self.probe,
                            extra_pass=lambda: extra_pass(self.model), cache=cache)
 
@@ -319,7 +321,6 @@ class Watcher:
             "heatmaps": {k: (list(s), [c.tolist() for c in cols]) for k, (s, cols) in self._history.items()},
             "pending": sorted(self._pending),
             "heatmaps_due": sorted(self._heatmaps_due),
-            "engine_seconds": self._engine_seconds,
             "steps_seen": self.steps_seen,
             "skipped_steps": self.skipped_steps,
         }

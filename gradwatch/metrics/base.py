@@ -52,7 +52,7 @@ class StepContext:
     Attributes:
         step: the optimizer step being taken (1-based: the weights after it are those of step ``step``).
         model: the unwrapped model (observe only).
-        optimizer: the optimizer about to step, or None.
+        optimizer: the torch optimizer about to step (host wrappers removed), or None.
         watched: the watched matrices, in discovery order.
         params: parameter name -> parameter, for the watched matrices.
         gradients: () -> (matrices, indices into ``watched``) of the current (pre-clip) gradients.

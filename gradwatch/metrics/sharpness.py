@@ -37,18 +37,6 @@ from gradwatch.metrics.base import Diagnostic, StepContext, Watched
 _FIELDS = ("lambda_max", "threshold", "ratio", "lambda_max_precond", "trace", "converged", "hvps")
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside a host wrapper (accelerate's ``AcceleratedOptimizer`` subclasses
-    ``torch.optim.Optimizer`` but is not an ``SGD``/``Adam``; Lightning's ``LightningOptimizer``), so the
-    threshold and Adam's state are read from the real one."""
-    for _ in range(4):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
-
-
 _FULL = (torch.float32, torch.float64)
 
 
@@ -159,7 +147,7 @@ class Sharpness(Diagnostic):
         batches = probe.batches(drop_last=True)  # full training-size batches keep a summed loss's scale
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         values: dict[str, float] = {}
-        optimizer = _unwrap_optimizer(ctx.optimizer)
+        optimizer = ctx.optimizer
         with ctx.extra_pass() as model, _float32_view(model, params) as full:
             if full is None and any(p.dtype not in _FULL for p in params) and not self._said_native:
                 warnings.warn("gradwatch: cannot swap float32 copies into this half-precision model "
