@@ -187,6 +187,34 @@ def test_grouping_matches_one_at_a_time(method: str) -> None:
             assert rel_err(together[stat][i].item(), ref[stat]) < RTOL, (i, stat)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_route_concurrent_matches_torch_batched_route(threads: int) -> None:
+    """The CPU route (numpy LAPACK, one matrix per worker thread) agrees with the GPU route's torch batched
+    float64 eigvalsh run on the CPU, for any number of workers, non-contiguous views included; and it leaves
+    the BLAS thread count as it found it."""
+    from threadpoolctl import threadpool_info
+
+    from gradwatch.functional.spectra import _gram_eigen_singular_values
+
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(24, 3 * 10, generator=gen)
+    mats = [fused[:, :10], fused[:, 10:20], torch.randn(10, 24, generator=gen).t(), torch.randn(24, 10, generator=gen)]
+    assert not any(m.is_contiguous() for m in mats[:3])
+    blas_before = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        host = batched_singular_values(torch.stack([m.contiguous() for m in mats]), "gram")
+        values, _ = gradient_spectrum_statistics(mats)
+    finally:
+        torch.set_num_threads(before)
+    assert [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
+    batched = _gram_eigen_singular_values(torch.stack([m.contiguous() for m in mats]), torch.float64)
+    torch.testing.assert_close(host, batched, rtol=1e-12, atol=1e-12)
+    for stat, v in spectrum_statistics(batched).items():
+        torch.testing.assert_close(values[stat], v, rtol=1e-12, atol=0)
+
+
 def test_stats_subset_and_order() -> None:
     a = planted(10, 6, np.array([2.0, 1.0]))
     values, _ = gradient_spectrum_statistics([a, a.t()], stats=["top1_ratio", "spectral_norm"])
