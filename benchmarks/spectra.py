@@ -7,9 +7,12 @@ weights; no embeddings, no output head) is then reduced to the six spectrum stat
 
 - ``svd loop``      per-layer ``torch.linalg.svd(G, full_matrices=False)`` (U, S and Vh, in the gradient's
   own float32; the seed papers' way) + statistics,
-- ``svdvals loop``  per-layer ``torch.linalg.svdvals`` (float32) + statistics,
+- ``svdvals loop``  per-layer ``torch.linalg.svdvals`` (float32) + statistics (the baseline of the ratios),
+- ``svdvals tall``  the same loop with each wide matrix transposed first (the same singular values; on
+  the CPU torch's SVD of a wide matrix is much slower than of its transpose),
 - ``gw gram`` / ``gw gram32`` / ``gw svdvals``: ``gradient_spectrum_statistics(mats, method=m)``
-  (grouped by shape, one batched solve per group; ``gram`` is gradwatch's default).
+  (``gram``, gradwatch's default: on the CPU one matrix per core; elsewhere grouped by shape, one
+  batched solve per group).
 
 Every row uses the same formulas (``spectrum_statistics``, Frobenius norm exact from the entries) and
 is compared with a float64 ``numpy.linalg.svd`` of the same matrices on the CPU. Timings are the
@@ -115,6 +118,7 @@ def _gradwatch(method: str) -> Callable[[Sequence[Tensor]], dict[str, Tensor]]:
 METHODS: dict[str, Callable[[Sequence[Tensor]], dict[str, Tensor]]] = {
     "svd loop": _loop(lambda m: torch.linalg.svd(m, full_matrices=False).S),
     "svdvals loop": _loop(torch.linalg.svdvals),
+    "svdvals tall": _loop(lambda m: torch.linalg.svdvals(m if m.shape[0] >= m.shape[1] else m.t())),
     "gw gram (default)": _gradwatch("gram"),
     "gw gram32": _gradwatch("gram32"),
     "gw svdvals": _gradwatch("svdvals"),

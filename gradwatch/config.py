@@ -142,14 +142,14 @@ class SpectraConfig:
     Attributes:
         every: cadence of the full spectrum of every watched layer's mini-batch gradient.
         stats: which statistics to log; any of ``SPECTRUM_STATS``.
-        method: ``"gram"``: eigenvalues of the smaller Gram matrix formed and solved in float64, batched
-            over same-shaped layers (statistics within ~1e-6 relative of a float64 SVD, even for rank-deficient
-            gradients);
-            ``"gram32"``: the same in float32, 1.3x to 1.8x faster than ``"gram"`` on CPU (no faster on a
-            GPU), but a singular value below
+        method: ``"gram"``: eigenvalues of the smaller Gram matrix formed and solved in float64 (on the
+            CPU one layer per core, on a GPU batched over same-shaped layers; statistics within ~1e-6
+            relative of a float64 SVD, even for rank-deficient gradients);
+            ``"gram32"``: the same in float32 with torch, batched; kept to show the precision choice: it is
+            no faster than ``"gram"`` (slower on the CPU), and a singular value below
             ~sqrt(eps32) * s_1 = 3e-4 * s_1 is lost in rounding, so nuclear norm and effective rank
             of rank-deficient or ill-conditioned gradients can be off by 1e-3 to 1e-1;
-            ``"svdvals"``: ``torch.linalg.svdvals`` per layer (the reference).
+            ``"svdvals"``: ``torch.linalg.svdvals`` in float64, batched (the reference).
         mad: log the cross-layer mean absolute difference of each statistic per layer family.
         heatmap_every: cadence of the layer-by-step heatmap images (0 turns them off).
         embeddings: also watch embedding tables (large; off by default).

@@ -60,26 +60,31 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None
 _BLAS: ThreadpoolController | None = None
 
 
-def _concurrently(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+def _concurrently(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], float]) -> list[R]:
     """``[fn(x) for x in items]``, spread over ``torch.get_num_threads()`` worker threads, BLAS single-threaded.
 
-    Each call is a LAPACK/BLAS call that releases the GIL; one call per core beats multi-threaded BLAS
-    here because the tridiagonal reduction inside ``eigvalsh`` is memory-bound and scales poorly over
-    threads. Limiting BLAS to one thread also keeps OpenBLAS workers from spinning beside torch's.
+    Each call is a BLAS/LAPACK call that releases the GIL; one call per core beats multi-threaded BLAS
+    here because the tridiagonal reduction inside the eigensolver is memory-bound and scales poorly over
+    threads. Limiting BLAS to one thread also keeps OpenBLAS workers from spinning beside torch's. Items
+    start in order of decreasing ``cost`` so no core is left with a large one at the end.
     """
     global _POOL, _BLAS
     if _BLAS is None:
         _lapack.lapack_available()  # load SciPy's BLAS first, so the controller sees it too
         _BLAS = ThreadpoolController()
-    workers = min(max(1, torch.get_num_threads()), len(items))
+    workers = max(1, torch.get_num_threads())
     with _BLAS.limit(limits=1, user_api="blas"):
-        if workers < 2:
+        if workers < 2 or len(items) < 2:
             return [fn(x) for x in items]
         if _POOL is None or _POOL[0] != workers:
             if _POOL is not None:
                 _POOL[1].shutdown(wait=False)
             _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="gradwatch-spectra"))
-        return list(_POOL[1].map(fn, items))
+        order = sorted(range(len(items)), key=lambda i: cost(items[i]), reverse=True)
+        results: list[R] = [None] * len(items)  # type: ignore[list-item]
+        for i, r in zip(order, _POOL[1].map(fn, [items[i] for i in order])):
+            results[i] = r
+        return results
 
 
 def _host_gram_spectrum(matrix: Tensor) -> tuple[np.ndarray | None, float]:
@@ -105,7 +110,8 @@ def _host_gram_spectrum(matrix: Tensor) -> tuple[np.ndarray | None, float]:
 
 def _host_gram_spectra(matrices: Sequence[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
     """Per CPU matrix: float64 descending singular values (NaN when non-finite), ||G||_F^2, non-finite flag."""
-    results = _concurrently(_host_gram_spectrum, matrices)
+    # Gram m*n*r plus eigensolver ~r^3 flops, r = min(m, n)
+    results = _concurrently(_host_gram_spectrum, matrices, lambda m: min(m.shape) ** 2 * (max(m.shape) + min(m.shape)))
     values, fro_sq, bad = [], [], []
     for m, (s, f) in zip(matrices, results):
         bad.append(s is None)
@@ -130,7 +136,7 @@ def batched_singular_values(stack: Tensor, method: SpectrumMethod = "gram") -> T
 
     Args:
         stack: the matrices; any float dtype (bf16/fp16 are promoted).
-        method: ``"gram"`` (float64 Gram eigenvalues), ``"gram32"`` (float32 Gram; fast, loses singular
+        method: ``"gram"`` (float64 Gram eigenvalues), ``"gram32"`` (float32 Gram, torch; loses singular
             values below ~3e-4 * s_1) or ``"svdvals"`` (``torch.linalg.svdvals`` in float64, the reference).
     """
     if method == "gram":
