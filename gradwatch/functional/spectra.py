@@ -22,6 +22,7 @@ float32 (``"gram32"``) it does not: anything below ~3e-4 * s_1 is rounding noise
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
@@ -56,7 +57,7 @@ def as_matrix(tensor: Tensor) -> Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (workers, pid, pool)
 _BLAS: ThreadpoolController | None = None
 
 
@@ -76,13 +77,14 @@ def _concurrently(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], 
     with _BLAS.limit(limits=1, user_api="blas"):
         if workers < 2 or len(items) < 2:
             return [fn(x) for x in items]
-        if _POOL is None or _POOL[0] != workers:
-            if _POOL is not None:
-                _POOL[1].shutdown(wait=False)
-            _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="gradwatch-spectra"))
+        if _POOL is None or _POOL[:2] != (workers, os.getpid()):
+            if _POOL is not None and _POOL[1] == os.getpid():
+                _POOL[2].shutdown(wait=False)
+            # a forked child inherits the pool object but not its threads: it gets its own
+            _POOL = (workers, os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="gradwatch-spectra"))
         order = sorted(range(len(items)), key=lambda i: cost(items[i]), reverse=True)
         results: list[R] = [None] * len(items)  # type: ignore[list-item]
-        for i, r in zip(order, _POOL[1].map(fn, [items[i] for i in order])):
+        for i, r in zip(order, _POOL[2].map(fn, [items[i] for i in order])):
             results[i] = r
         return results
 

@@ -333,3 +333,32 @@ def test_half_precision_inputs() -> None:
             values, _ = gradient_spectrum_statistics([low], method=method)
             for stat in STATISTICS:
                 assert rel_err(values[stat].item(), ref[stat]) < RTOL, (dtype, method, stat)
+
+
+def _spectra_in_child(queue) -> None:  # runs in a forked child
+    torch.set_num_threads(2)
+    values, _ = gradient_spectrum_statistics([torch.eye(5) * 2.0, torch.ones(4, 6)], stats=["nuclear_norm"])
+    queue.put(values["nuclear_norm"].tolist())
+
+
+def test_forked_child_gets_its_own_worker_threads() -> None:
+    """A process forked after the worker pool exists (a DataLoader worker, a fork-started job) inherits the
+    pool object but none of its threads; its spectra must still complete, not wait forever."""
+    import multiprocessing as mp
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradient_spectrum_statistics([torch.eye(3), torch.eye(3)])  # the parent's pool now exists
+    finally:
+        torch.set_num_threads(before)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_spectra_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("spectra in a forked child hung")
+    assert child.exitcode == 0
+    np.testing.assert_allclose(queue.get(timeout=5), [10.0, math.sqrt(24.0)], rtol=1e-6)
