@@ -14,9 +14,11 @@ across layers; :func:`cross_layer_mad` is their mean absolute difference along a
 
 Only singular values are needed, so the default route forms the smaller Gram matrix G G^T or G^T G in
 float64 and takes its eigenvalues (s_i = sqrt(lambda_i)): on a GPU with one batched ``eigvalsh`` per group
-of same-shaped gradients, on the CPU one matrix per core through numpy's LAPACK. Forming the Gram squares the condition number; in float64 that still leaves
-singular values accurate to ~1e-8 * s_1 absolutely, far below what these statistics can see. In
-float32 (``"gram32"``) it does not: anything below ~3e-4 * s_1 is rounding noise.
+of same-shaped gradients; on the CPU one matrix per core, with numpy's BLAS for the Gram and SciPy's
+LAPACK for the eigenvalues (see :mod:`gradwatch.functional._lapack`). Forming the Gram squares the
+condition number; in float64 that still leaves singular values accurate to ~1e-8 * s_1 absolutely, far
+below what these statistics can see. In float32 (``"gram32"``) it does not: anything below ~3e-4 * s_1 is
+rounding noise.
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ def _host_gram_spectrum(matrix: Tensor) -> tuple[np.ndarray | None, float]:
 
     numpy's OpenBLAS forms the Gram with ``syrk`` and LAPACK's ``dsyevd`` solves it (:mod:`._lapack`, which
     releases the GIL): on a 2-core x86 CPU this was 2.2x (Gram) and 1.5x (eigenvalues) faster than torch's
-    float64 kernels, single-threaded, for 768-wide GPT-2 gradients. ||G||_F^2 is the Gram's trace, i.e. sum_jk G_jk^2 in float64 (each square of a
-    float32 entry is exact). A non-finite entry makes that trace non-finite; the solve is then skipped and
-    the singular values are ``None``.
+    float64 kernels, single-threaded, for 768-wide GPT-2 gradients. ||G||_F^2 is the Gram's trace, i.e.
+    sum_jk G_jk^2 in float64 (each square of a float32 entry is exact). A non-finite entry makes that trace
+    non-finite; the solve is then skipped and the singular values are ``None``.
     """
     t = matrix.detach()
     if t.dtype not in (torch.float32, torch.float64):
@@ -112,8 +114,10 @@ def _host_gram_spectrum(matrix: Tensor) -> tuple[np.ndarray | None, float]:
 
 def _host_gram_spectra(matrices: Sequence[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
     """Per CPU matrix: float64 descending singular values (NaN when non-finite), ||G||_F^2, non-finite flag."""
-    # Gram m*n*r plus eigensolver ~r^3 flops, r = min(m, n)
-    results = _concurrently(_host_gram_spectrum, matrices, lambda m: min(m.shape) ** 2 * (max(m.shape) + min(m.shape)))
+    def cost(m: Tensor) -> float:  # Gram m*n*r plus eigensolver ~r^3 flops, r = min(m, n)
+        return min(m.shape) ** 2 * (max(m.shape) + min(m.shape))
+
+    results = _concurrently(_host_gram_spectrum, matrices, cost)
     values, fro_sq, bad = [], [], []
     for m, (s, f) in zip(matrices, results):
         bad.append(s is None)
