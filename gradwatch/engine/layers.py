@@ -184,7 +184,8 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def gradient_matrices(discovery: Discovery, scale: float | Tensor | None = None) -> tuple[list[Tensor], list[int]]:
-    """The current gradient of each watched matrix (views; multiplied by ``scale`` when given).
+    """The current gradient of each watched matrix (views, or dense copies of sparse gradients; multiplied
+    by ``scale`` when given).
 
     Returns the matrices and the indices (into ``discovery.matrices``) of the ones that have a gradient.
     Reading ``.grad`` is all this does: nothing is written.
@@ -196,6 +197,8 @@ def gradient_matrices(discovery: Discovery, scale: float | Tensor | None = None)
             continue
         if hasattr(g, "full_tensor"):  # DTensor (FSDP2): the full gradient on every rank
             g = g.full_tensor()
+        if g.is_sparse:  # nn.Embedding(sparse=True): rows not looked up are zero
+            g = g.to_dense()
         m = w.matrix(g.detach())
         mats.append(m if scale is None else m * scale)
         idx.append(i)

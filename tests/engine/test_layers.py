@@ -325,6 +325,29 @@ def test_gradient_matrices_skips_missing_grads() -> None:
     assert torch.equal(mats[3], torch.arange(32 * 16.0, 48 * 16.0).reshape(16, 16))
 
 
+def test_sparse_embedding_gradient_read_densely() -> None:
+    """``nn.Embedding(sparse=True)`` gives a sparse COO gradient (repeated ids as separate entries); with
+    embeddings opted in it is read as the dense matrix, duplicates summed, and its spectrum is that of
+    the dense gradient."""
+    from gradwatch.functional.spectra import gradient_spectrum_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 3))
+    model(torch.tensor([1, 3, 3, 7])).square().sum().backward()
+    assert model[0].weight.grad.is_sparse
+    d = discover_matrices(model, embeddings=True)
+    mats, idx = gradient_matrices(d)
+    tags = [d.matrices[i].tag for i in idx]
+    emb = mats[tags.index("0.weight")]
+    assert not emb.is_sparse
+    assert torch.equal(emb, model[0].weight.grad.to_dense())
+    assert torch.count_nonzero(emb.abs().sum(1)).item() == 3  # rows 1, 3 (twice, summed) and 7
+    values, bad = gradient_spectrum_statistics(mats)
+    assert not bad.any()
+    dense_ref = torch.linalg.svdvals(emb.double())
+    assert values["nuclear_norm"][tags.index("0.weight")].item() == pytest.approx(dense_ref.sum().item(), rel=1e-6)
+
+
 def test_unwrap_model() -> None:
     inner = nn.Linear(2, 2)
 
