@@ -37,10 +37,10 @@ def _cython_lapack_dsyevd() -> Callable[..., None] | None:
     capsule = getattr(cython_lapack, "__pyx_capi__", {}).get("dsyevd")
     if capsule is None:
         return None
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    # private prototypes: setting restype/argtypes on ctypes.pythonapi's shared attributes could clash with others
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
     address = get_pointer(capsule, get_name(capsule))
     return _DSYEVD(address) if address else None
 
