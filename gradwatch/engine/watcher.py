@@ -98,6 +98,7 @@ class Watcher:
         self._restored: dict[str, Any] | None = None
         self.steps_seen = 0
         self.skipped_steps = 0
+        self.postponed_steps = 0  # steps at which due work waited for the overhead budget (this process)
         self._warmed: set[int] = set()  # diagnostics that have run once
         self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
         self._heatmaps_due: set[int] = set()
@@ -202,8 +203,14 @@ class Watcher:
             self.skipped_steps += 1
             return {}
         self.steps_seen += 1
-        if self._over_budget():
-            return {}  # postponed: the pending diagnostics run at the first step back under budget
+        if self._over_budget():  # postponed: the pending diagnostics run at the first step back under budget
+            self.postponed_steps += 1
+            self._warn_once("budget", f"gradwatch: postponing due diagnostics at step {step}: gradwatch has "
+                            f"used {100 * self._share(self._engine_seconds - self._warmup_seconds):.1f}% of the wall time "
+                            f"(one-off costs aside), over max_overhead="
+                            f"{self.config.max_overhead}; they run at the first step back under it (raise "
+                            "max_overhead or lower the cadence to see more points; said once)")
+            return {}
         run = sorted(self._pending)
         self._pending.clear()
         ctx = self._context(step, optimizer, grad_scale)
