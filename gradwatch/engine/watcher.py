@@ -180,6 +180,10 @@ class Watcher:
         wall = time.perf_counter() - self._wall_start
         return seconds / wall if wall > 0 else 0.0
 
+    def _budgeted_share(self) -> float:
+        """gradwatch's share of wall time without its one-off costs: what ``max_overhead`` bounds."""
+        return self._share(self._engine_seconds - self._warmup_seconds)
+
     def _over_budget(self) -> bool:
         """Whether due work must wait. A diagnostic's first run always goes ahead, and one-off costs
         (attach, first runs: lazy imports, thread pools, the probe draw) do not count against the budget,
@@ -187,7 +191,7 @@ class Watcher:
         budget = self.config.max_overhead
         if budget is None or not (self._pending & self._warmed):
             return False
-        return self._share(self._engine_seconds - self._warmup_seconds) > budget
+        return self._budgeted_share() > budget
 
     def _step(self, step: int, optimizer: Any, grad_scale: float | None, check_skipped: bool) -> dict[str, float]:
         assert self.model is not None and self.discovery is not None
@@ -206,10 +210,9 @@ class Watcher:
         if self._over_budget():  # postponed: the pending diagnostics run at the first step back under budget
             self.postponed_steps += 1
             self._warn_once("budget", f"gradwatch: postponing due diagnostics at step {step}: gradwatch has "
-                            f"used {100 * self._share(self._engine_seconds - self._warmup_seconds):.1f}% of the wall time "
-                            f"(one-off costs aside), over max_overhead="
-                            f"{self.config.max_overhead}; they run at the first step back under it (raise "
-                            "max_overhead or lower the cadence to see more points; said once)")
+                            f"used {100 * self._budgeted_share():.1f}% of the wall time (one-off costs aside), "
+                            f"over max_overhead={self.config.max_overhead}; they run at the first step back "
+                            "under it (raise max_overhead or lower the cadence to see more points; said once)")
             return {}
         run = sorted(self._pending)
         self._pending.clear()

@@ -99,7 +99,7 @@ def test_overhead_budget_postpones_due_work(monkeypatch):
     # the first due computation always runs (warm-up, outside the budget); the next ones wait until the
     # share is back under 20%: with 50 ms per computation and 30 x 20 ms of training, 2 to 6 of 30 run
     assert logged[0] == 1 and 2 <= len(logged) <= 6, logged
-    assert watcher._share(watcher._engine_seconds - watcher._warmup_seconds) < 0.3
+    assert watcher._budgeted_share() < 0.3
     assert watcher.overhead() < 0.45
 
 
