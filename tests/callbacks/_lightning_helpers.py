@@ -22,12 +22,13 @@ FAMILY = "net.*.weight"
 
 
 class TinyMLP(L.LightningModule):
-    """8-16-16-3 MLP with a BatchNorm1d and a Dropout; SGD with momentum (optimizer state to compare)."""
+    """8-16-16-3 MLP with a BatchNorm1d and a Dropout (or the classifier ``net`` given); cross-entropy,
+    SGD with momentum (optimizer state to compare)."""
 
-    def __init__(self, lr: float = 0.1, freeze_first: bool = False) -> None:
+    def __init__(self, lr: float = 0.1, freeze_first: bool = False, net: nn.Module | None = None) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(
+        self.net = net if net is not None else nn.Sequential(
             nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.25),
             nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3),
         )

@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gradwatch.callbacks.transformers import GradWatch as HFGradWatch  # noqa: E402
+from _lightning_helpers import TinyMLP
 from conftest import TokenData
 
 TAGS = ("sharpness/lambda_max", "sharpness/threshold", "sharpness/ratio", "sharpness/converged", "sharpness/hvps")
@@ -51,24 +52,9 @@ def bn_dropout_net() -> nn.Sequential:
 # ---- Lightning ------------------------------------------------------------------------------------
 
 
-class LitNet(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = bn_dropout_net()
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
 def lightning_run(tmp_path: Any, with_gradwatch: bool, steps: int = 20, probe_size: int = 32) -> dict[str, Any]:
     L.seed_everything(0, workers=True)
-    module = LitNet()
+    module = TinyMLP(net=bn_dropout_net())
     callbacks = []
     cb = None
     if with_gradwatch:

@@ -130,21 +130,6 @@ def test_bf16_model_measured_in_float32_and_untouched(input_dtype: torch.dtype) 
     assert abs(native - want) > 1e-5 * abs(want)
 
 
-class LitBF16(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
 class InitialState(L.Callback):
     """The weights Lightning actually trains (after precision="bf16-true" converted them), at step 1."""
 
@@ -157,7 +142,7 @@ class InitialState(L.Callback):
 
 def lightning_bf16_run(root: str, with_gradwatch: bool) -> dict[str, Any]:
     L.seed_everything(0)
-    module = LitBF16()
+    module = TinyMLP(net=nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)))
     snap = InitialState()
     cb = LightningGradWatch(spectra=False, sharpness=SharpnessConfig(every=3, probe_size=32, max_iter=200, tol=1e-6),
                             max_overhead=None, on_error="raise", log_dir=os.path.join(root, "gw"))

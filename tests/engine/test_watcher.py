@@ -77,15 +77,20 @@ def test_grad_scale_rescales_norms_not_ranks():
     assert b["grad_spectrum/stable_rank/0.weight"] == pytest.approx(a["grad_spectrum/stable_rank/0.weight"])
 
 
-def test_overhead_budget_postpones_due_work(monkeypatch):
-    model, sink = _model_with_grads(), RecordingSink()
+def _slow_spectra(monkeypatch, seconds: float) -> None:
+    """Every GradSpectrum computation takes ``seconds`` longer."""
     original = GradSpectrum.observe
 
     def slow_observe(self, ctx):
-        time.sleep(0.05)
+        time.sleep(seconds)
         original(self, ctx)
 
     monkeypatch.setattr(GradSpectrum, "observe", slow_observe)
+
+
+def test_overhead_budget_postpones_due_work(monkeypatch):
+    model, sink = _model_with_grads(), RecordingSink()
+    _slow_spectra(monkeypatch, 0.05)
     watcher = _watch(model, sink, spectra=gradwatch.SpectraConfig(every=1), max_overhead=0.2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -205,13 +210,7 @@ def test_extra_pass_is_observe_only():
 
 def test_heatmap_due_during_a_postponement_is_drawn_at_the_next_run(monkeypatch):
     model, sink = _model_with_grads(), RecordingSink()
-    original = GradSpectrum.observe
-
-    def slow_observe(self, ctx):
-        time.sleep(0.03)
-        original(self, ctx)
-
-    monkeypatch.setattr(GradSpectrum, "observe", slow_observe)
+    _slow_spectra(monkeypatch, 0.03)
     watcher = _watch(model, sink, spectra=gradwatch.SpectraConfig(every=1, heatmap_every=5), max_overhead=0.25)
     for step in range(1, 41):
         watcher.on_gradients_ready(step)
