@@ -146,8 +146,8 @@ def batched_singular_values(stack: Tensor, method: SpectrumMethod = "gram") -> T
             values below ~3e-4 * s_1) or ``"svdvals"`` (``torch.linalg.svdvals`` in float64, the reference).
     """
     if method == "gram":
-        if stack.device.type == "cpu":
-            return torch.stack(_host_gram_spectra(stack.unbind(0))[0]) if len(stack) else stack.double()
+        if stack.device.type == "cpu" and len(stack):
+            return torch.stack(_host_gram_spectra(stack.unbind(0))[0])
         return _gram_eigen_singular_values(stack, torch.float64)
     if method == "gram32":
         return _gram_eigen_singular_values(stack, torch.float32).double()
@@ -219,6 +219,13 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
             raise ValueError(f"gradwatch: expected 2-D matrices, got shape {tuple(m.shape)} at index {i}")
     out = {name: torch.empty(len(matrices), dtype=torch.float64, device=device) for name in stats}
     nonfinite = torch.empty(len(matrices), dtype=torch.bool, device=device)
+
+    def store(idx: list[int], values: dict[str, Tensor], bad: Tensor) -> None:
+        index = torch.tensor(idx, device=device)
+        for name, v in values.items():
+            out[name][index] = torch.where(bad, math.nan, v).to(device)
+        nonfinite[index] = bad.to(device)
+
     host = [i for i, m in enumerate(matrices) if method == "gram" and m.device.type == "cpu"]
     if host:  # one matrix per task, spread over the cores; then statistics per group of equal rank
         values_, fro_sq_, bad_ = _host_gram_spectra([matrices[i] for i in host])
@@ -226,12 +233,8 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
         for j, v in enumerate(values_):
             by_rank.setdefault(len(v), []).append(j)
         for js in by_rank.values():
-            index = torch.tensor([host[j] for j in js])
-            bad = bad_[js]
-            values = spectrum_statistics(torch.stack([values_[j] for j in js]), fro_sq_[js], stats)
-            for name, v in values.items():
-                out[name][index.to(device)] = torch.where(bad, math.nan, v).to(device)
-            nonfinite[index.to(device)] = bad.to(device)
+            store([host[j] for j in js],
+                  spectrum_statistics(torch.stack([values_[j] for j in js]), fro_sq_[js], stats), bad_[js])
     groups: dict[tuple, list[int]] = {}
     hosted = set(host)
     for i, m in enumerate(matrices):
@@ -245,12 +248,7 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
         if method != "gram32":
             stack = stack.double()  # one float64 copy serves the Frobenius norm and the solve
         fro_sq = stack.double().square().sum((-2, -1))
-        values = spectrum_statistics(batched_singular_values(stack, method), fro_sq, stats)
-        index = torch.tensor(idx, device=device)
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=stack.device)
-        for name, v in values.items():
-            out[name][index] = torch.where(bad, nan, v).to(device)
-        nonfinite[index] = bad.to(device)
+        store(idx, spectrum_statistics(batched_singular_values(stack, method), fro_sq, stats), bad)
     return out, nonfinite
 
 

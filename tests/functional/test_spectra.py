@@ -169,6 +169,11 @@ def test_batched_singular_values_descending_float64(method: str) -> None:
     assert torch.all(sv[:, 3:] < 1e-3)
 
 
+@pytest.mark.parametrize("method", ["gram", "gram32", "svdvals"])
+def test_batched_singular_values_of_no_matrices(method: str) -> None:
+    assert batched_singular_values(torch.empty(0, 5, 3), method).shape == (0, 3)
+
+
 @pytest.mark.parametrize("method", ["gram", "svdvals"])
 def test_grouping_matches_one_at_a_time(method: str) -> None:
     gen = torch.Generator().manual_seed(0)
