@@ -1,4 +1,4 @@
-"""Configuration: :class:`WatchConfig`, the per-family configs and :class:`Cadence`.
+"""Configuration: :class:`WatchConfig` and :class:`Cadence`; the per-family configs live with their families.
 
 Every option is validated when the object is built. A wrong value raises ``ValueError`` naming the
 field, the value given and what was expected (with the valid choices where there is a list), so that
@@ -8,38 +8,35 @@ a typo fails before the first training step rather than an hour into a run.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from gradwatch.functional.spectra import STATISTICS
-
-SPECTRUM_STATS: tuple[str, ...] = STATISTICS
-SPECTRUM_METHODS: tuple[str, ...] = ("gram", "gram32", "svdvals")
 ON_ERROR_CHOICES: tuple[str, ...] = ("warn", "raise")
 
 
-def _fail(field_name: str, value: Any, expected: str) -> ValueError:
+def fail(field_name: str, value: Any, expected: str) -> ValueError:
+    """The ValueError every bad option raises: the field, the value given and what was expected."""
     return ValueError(f"gradwatch: `{field_name}` expected {expected}, got {value!r}")
 
 
-def _check_int(field_name: str, value: Any, *, minimum: int) -> int:
+def check_int(field_name: str, value: Any, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(field_name, value, f"an int >= {minimum}")
+        raise fail(field_name, value, f"an int >= {minimum}")
     return value
 
 
-def _check_float(field_name: str, value: Any, *, low: float, high: float, open_low: bool = True) -> float:
+def check_float(field_name: str, value: Any, *, low: float, high: float, open_low: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
+        raise fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
     if (value <= low if open_low else value < low) or value > high:
-        raise _fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
+        raise fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
     return float(value)
 
 
-def _check_choice(field_name: str, value: Any, choices: Sequence[str]) -> str:
+def check_choice(field_name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise _fail(field_name, value, f"one of {list(choices)}")
+        raise fail(field_name, value, f"one of {list(choices)}")
     return value
 
 
@@ -55,24 +52,24 @@ class Cadence:
 
     def __init__(self, *, every: int | None = None, first: bool = True, per_decade: int | None = None,
                  steps: Iterable[int] = (), _parts: tuple[Cadence, ...] = ()) -> None:
-        self._every = None if every is None else _check_int("every", every, minimum=1)
+        self._every = None if every is None else check_int("every", every, minimum=1)
         self._first = bool(first)
-        self._per_decade = None if per_decade is None else _check_int("per_decade", per_decade, minimum=1)
+        self._per_decade = None if per_decade is None else check_int("per_decade", per_decade, minimum=1)
         step_list = list(steps)
         for s in step_list:
-            _check_int("steps", s, minimum=1)
+            check_int("steps", s, minimum=1)
         self._steps = frozenset(step_list)
         self._parts = _parts
 
     @classmethod
     def every(cls, n: int, *, first: bool = True) -> Cadence:
         """Due at every multiple of ``n`` (and at step 1 when ``first``, so a chart starts at the start)."""
-        return cls(every=_check_int("every", n, minimum=1), first=first)
+        return cls(every=check_int("every", n, minimum=1), first=first)
 
     @classmethod
     def log_spaced(cls, per_decade: int = 5) -> Cadence:
         """Due at round(10**(k / per_decade)) for k = 0, 1, ...: dense early, sparse late."""
-        return cls(per_decade=_check_int("per_decade", per_decade, minimum=1))
+        return cls(per_decade=check_int("per_decade", per_decade, minimum=1))
 
     @classmethod
     def at(cls, steps: Iterable[int]) -> Cadence:
@@ -131,183 +128,180 @@ def as_cadence(field_name: str, value: Any) -> Cadence:
     if isinstance(value, Cadence):
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(field_name, value, "a positive int or a gradwatch.Cadence")
+        raise fail(field_name, value, "a positive int or a gradwatch.Cadence")
     return Cadence.every(value)
 
 
-@dataclass(frozen=True)
-class SpectraConfig:
-    """Per-layer gradient spectra (family ``grad_spectrum``).
-
-    Attributes:
-        every: cadence of the full spectrum of every watched layer's mini-batch gradient.
-        stats: which statistics to log; any of ``SPECTRUM_STATS``.
-        method: ``"gram"``: eigenvalues of the smaller Gram matrix formed and solved in float64 (on the
-            CPU one layer per core, on a GPU batched over same-shaped layers; statistics within ~1e-6
-            relative of a float64 SVD, even for rank-deficient gradients);
-            ``"gram32"``: the same in float32 with torch, batched; kept to show the precision choice: it is
-            no faster than ``"gram"`` (slower on the CPU), and a singular value below
-            ~sqrt(eps32) * s_1 = 3e-4 * s_1 is lost in rounding, so nuclear norm and effective rank
-            of rank-deficient or ill-conditioned gradients can be off by 1e-3 to 1e-1;
-            ``"svdvals"``: ``torch.linalg.svdvals`` in float64, batched (the reference).
-        mad: log the cross-layer mean absolute difference of each statistic per layer family.
-        heatmap_every: cadence of the layer-by-step heatmap images (0 turns them off).
-        embeddings: also watch embedding tables (large; off by default).
-        output_head: also watch the output head (``lm_head`` and weights tied to an embedding).
-        per_example: the seed papers' protocol: per-example gradients on the probe set, spectra averaged
-            per layer, logged as ``grad_spectrum/per_example/<stat>/<param>``.
-        per_example_every: cadence of the per-example mode.
-        per_example_size: how many probe examples the per-example mode uses.
-    """
-
-    every: int | Cadence = 50
-    stats: Sequence[str] = SPECTRUM_STATS
-    method: Literal["gram", "gram32", "svdvals"] = "gram"
-    mad: bool = True
-    heatmap_every: int | Cadence = 500
-    embeddings: bool = False
-    output_head: bool = False
-    per_example: bool = False
-    per_example_every: int | Cadence = 500
-    per_example_size: int = 16
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "every", as_cadence("SpectraConfig.every", self.every))
-        if isinstance(self.stats, str) or not isinstance(self.stats, Iterable):
-            raise _fail("SpectraConfig.stats", self.stats, f"a list drawn from {list(SPECTRUM_STATS)}")
-        stats = tuple(self.stats)
-        for s in stats:
-            _check_choice("SpectraConfig.stats", s, SPECTRUM_STATS)
-        if not stats:
-            raise _fail("SpectraConfig.stats", self.stats, f"at least one of {list(SPECTRUM_STATS)}")
-        object.__setattr__(self, "stats", stats)
-        _check_choice("SpectraConfig.method", self.method, SPECTRUM_METHODS)
-        if self.heatmap_every == 0:
-            object.__setattr__(self, "heatmap_every", None)
-        else:
-            object.__setattr__(self, "heatmap_every", as_cadence("SpectraConfig.heatmap_every", self.heatmap_every))
-        object.__setattr__(self, "per_example_every",
-                           as_cadence("SpectraConfig.per_example_every", self.per_example_every))
-        _check_int("SpectraConfig.per_example_size", self.per_example_size, minimum=1)
-        for name in ("mad", "embeddings", "output_head", "per_example"):
-            if not isinstance(getattr(self, name), bool):
-                raise _fail(f"SpectraConfig.{name}", getattr(self, name), "True or False")
 
 
-@dataclass(frozen=True)
-class SharpnessConfig:
-    """Edge-of-stability sharpness (family ``sharpness``): the top Hessian eigenvalue of the training
-    loss on a fixed probe batch, against the optimizer's stability threshold.
-
-    Attributes:
-        every: cadence.
-        probe_size: examples in the probe batch (drawn once, seeded, from the training data).
-        max_iter: Lanczos iterations at most (Hessian-vector products per estimate).
-        tol: relative residual at which Lanczos stops (``||Hv - lambda v|| <= tol |lambda|``).
-        top_k: how many top eigenvalues to log (``sharpness/lambda_<i>`` beyond the first).
-        trace_samples: Hutchinson probes for ``sharpness/trace`` (0 turns the trace off).
-        warm_start: start Lanczos from the previous top eigenvector.
-        precondition: for Adam/AdamW, also log ``lambda_max_precond`` = lambda_1(P^-1/2 H P^-1/2).
-    """
-
-    every: int | Cadence = 500
-    probe_size: int = 256
-    max_iter: int = 50
-    tol: float = 1e-3
-    top_k: int = 1
-    trace_samples: int = 0
-    warm_start: bool = True
-    precondition: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "every", as_cadence("SharpnessConfig.every", self.every))
-        _check_int("SharpnessConfig.probe_size", self.probe_size, minimum=1)
-        _check_int("SharpnessConfig.max_iter", self.max_iter, minimum=1)
-        _check_float("SharpnessConfig.tol", self.tol, low=0.0, high=0.5)
-        _check_int("SharpnessConfig.top_k", self.top_k, minimum=1)
-        if self.top_k > self.max_iter:
-            raise _fail("SharpnessConfig.top_k", self.top_k, f"an int <= max_iter ({self.max_iter})")
-        _check_int("SharpnessConfig.trace_samples", self.trace_samples, minimum=0)
-        for name in ("warm_start", "precondition"):
-            if not isinstance(getattr(self, name), bool):
-                raise _fail(f"SharpnessConfig.{name}", getattr(self, name), "True or False")
+def check_bool(field_name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise fail(field_name, value, "True or False")
+    return value
 
 
-_FAMILY_CONFIGS: dict[str, type] = {"spectra": SpectraConfig, "sharpness": SharpnessConfig}
-_FAMILY_DEFAULT_ON: dict[str, bool] = {"spectra": True, "sharpness": False}
+def check_callable(field_name: str, value: Any, what: str) -> Any:
+    if value is not None and not callable(value):
+        raise fail(field_name, value, what)
+    return value
 
 
-@dataclass(frozen=True)
+#: The options every family shares, with their defaults (families come from ``gradwatch.registry``).
+_GENERAL: dict[str, Any] = {
+    "include": ("*",), "exclude": (), "embeddings": False, "output_head": False, "log_dir": None,
+    "max_overhead": 0.05, "on_error": "warn", "probe_seed": 0, "loss_fn": None, "on_alert": None,
+    "alert_cooldown": 200,
+}
+
+
 class WatchConfig:
     """Everything gradwatch does, in one validated object.
 
+    Family keywords (one per registered family, see ``gradwatch.registry``): ``spectra`` (on by default),
+    ``sharpness``, ``signals``, ``stability`` (off by default): each ``True`` (its defaults), ``False``
+    (off) or its config object (``SpectraConfig(every=10)``).
+
     Attributes:
-        spectra: ``True`` (defaults), ``False`` (off) or a :class:`SpectraConfig`. On by default.
-        sharpness: ``True``, ``False`` or a :class:`SharpnessConfig`. Off by default (it costs extra
-            forward/backward passes on a probe batch).
         include: glob patterns over parameter names (``named_parameters()``) to watch.
         exclude: glob patterns to leave out (applied after ``include``).
-        log_dir: where to write TensorBoard files when the trainer has no TensorBoard writer of its own.
-        max_overhead: share of wall time gradwatch may use; a due computation that would exceed it is
-            postponed (``None`` turns the budget off).
-        on_error: ``"warn"``: a failing diagnostic warns once, logs NaN and training goes on;
-            ``"raise"``: strict, for tests and CI.
+        embeddings: also watch embedding tables (large; off by default).
+        output_head: also watch the output head (``lm_head`` and weights tied to an embedding).
+        log_dir: where to write when the trainer has no TensorBoard writer of its own.
+        max_overhead: share of wall time gradwatch may use; due work that would exceed it is postponed
+            (``None`` or 0 turns the budget off).
+        on_error: ``"warn"``: a failing diagnostic warns once, logs NaN and training goes on; ``"raise"``:
+            strict (failures and alerts raise), for tests and CI.
         probe_seed: seed of the probe-set draw (a private generator: the user's RNG is untouched).
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``, the per-example loss on a probe batch, for
-            models whose loss gradwatch cannot infer.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``, the per-example loss on a probe batch, for models
+            whose loss gradwatch cannot infer.
+        on_alert: ``on_alert(alert)`` called on rank zero for every alert (may save a checkpoint or stop
+            training); if it raises, that is reported once and training goes on unless strict.
+        alert_cooldown: steps before the same alert rule may fire again.
     """
 
-    spectra: bool | SpectraConfig = True
-    sharpness: bool | SharpnessConfig = False
-    include: Sequence[str] = ("*",)
-    exclude: Sequence[str] = ()
-    log_dir: str | None = None
-    max_overhead: float | None = 0.05
-    on_error: Literal["warn", "raise"] = "warn"
-    probe_seed: int = 0
-    loss_fn: Callable[..., Any] | None = field(default=None, compare=False)
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    embeddings: bool
+    output_head: bool
+    log_dir: str | None
+    max_overhead: float | None
+    on_error: Literal["warn", "raise"]
+    probe_seed: int
+    loss_fn: Callable[..., Any] | None
+    on_alert: Callable[..., Any] | None
+    alert_cooldown: int
 
-    def __post_init__(self) -> None:
-        for name, cls in _FAMILY_CONFIGS.items():
-            value = getattr(self, name)
+    def __init__(self, **options: Any) -> None:
+        from gradwatch.registry import families
+
+        fams = {f.key: f for f in families()}
+        unknown = [k for k in options if k not in _GENERAL and k not in fams]
+        if unknown:
+            raise ValueError(f"gradwatch: unknown option {unknown[0]!r}; valid options are "
+                             f"{[*fams, *_GENERAL]}")
+        values = {**_GENERAL, **{k: v for k, v in options.items() if k in _GENERAL}}
+        chosen: dict[str, Any] = {}
+        for key, fam in fams.items():
+            value = options.get(key, fam.default_on)
             if value is True:
-                value = cls()
+                value = fam.config_class()
             elif value is False or value is None:
                 value = None
-            elif not isinstance(value, cls):
-                raise _fail(name, value, f"True, False or a gradwatch.{cls.__name__}")
-            object.__setattr__(self, name, value)
+            elif not isinstance(value, fam.config_class):
+                raise fail(key, value, f"True, False or a gradwatch.{fam.config_class.__name__}")
+            chosen[key] = value
+        object.__setattr__(self, "_families", chosen)
         for name in ("include", "exclude"):
-            value = getattr(self, name)
+            value = values[name]
             if isinstance(value, str):
                 value = (value,)
             if not isinstance(value, Iterable) or not all(isinstance(p, str) and p for p in value):
-                raise _fail(name, getattr(self, name), "a list of non-empty glob patterns (str)")
-            object.__setattr__(self, name, tuple(value))
-        if not self.include:
-            raise _fail("include", self.include, "at least one glob pattern, e.g. ['*']")
-        if self.log_dir is not None and not isinstance(self.log_dir, str):
-            raise _fail("log_dir", self.log_dir, "a directory path (str) or None")
-        if self.max_overhead is not None:
-            _check_float("max_overhead", self.max_overhead, low=0.0, high=1.0)
-        _check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
-        _check_int("probe_seed", self.probe_seed, minimum=0)
-        if self.loss_fn is not None and not callable(self.loss_fn):
-            raise _fail("loss_fn", self.loss_fn, "a callable loss_fn(model, batch) -> Tensor[B]")
+                raise fail(name, values[name], "a list of non-empty glob patterns (str)")
+            values[name] = tuple(value)
+        if not values["include"]:
+            raise fail("include", values["include"], "at least one glob pattern, e.g. ['*']")
+        for name in ("embeddings", "output_head"):
+            check_bool(name, values[name])
+        for legacy in ("embeddings", "output_head"):  # once options of SpectraConfig; now shared by every family
+            spectra = chosen.get("spectra")
+            if spectra is not None and getattr(spectra, legacy, None):
+                warnings.warn(f"gradwatch: SpectraConfig({legacy}=True) is deprecated; layer selection is shared "
+                              f"by every family: use WatchConfig({legacy}=True)", DeprecationWarning, stacklevel=2)
+                values[legacy] = True
+        if values["log_dir"] is not None and not isinstance(values["log_dir"], str):
+            raise fail("log_dir", values["log_dir"], "a directory path (str) or None")
+        if values["max_overhead"] is not None:
+            check_float("max_overhead", values["max_overhead"], low=0.0, high=1.0, open_low=False)
+            if values["max_overhead"] == 0:
+                values["max_overhead"] = None
+        check_choice("on_error", values["on_error"], ON_ERROR_CHOICES)
+        check_int("probe_seed", values["probe_seed"], minimum=0)
+        check_callable("loss_fn", values["loss_fn"], "a callable loss_fn(model, batch) -> Tensor[B]")
+        check_callable("on_alert", values["on_alert"], "a callable on_alert(alert) or None")
+        check_int("alert_cooldown", values["alert_cooldown"], minimum=0)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        fams = self.__dict__.get("_families", {})
+        if name in fams:
+            return fams[name]
+        raise AttributeError(f"'WatchConfig' has no option {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("gradwatch.WatchConfig is immutable; use config.replace(...)")
+
+    @property
+    def families(self) -> dict[str, Any]:
+        """Family key -> its config, for the families switched on."""
+        return {k: v for k, v in self._families.items() if v is not None}
+
+    def options(self) -> dict[str, Any]:
+        """Every option (families included) as keywords that rebuild this config."""
+        out = {k: getattr(self, k) for k in _GENERAL}
+        out.update({k: (False if v is None else v) for k, v in self._families.items()})
+        return out
+
+    def replace(self, **changes: Any) -> WatchConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return WatchConfig(**{**self.options(), **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WatchConfig):
+            return NotImplemented
+        mine, theirs = self.options(), other.options()
+        mine.pop("loss_fn"), theirs.pop("loss_fn"), mine.pop("on_alert"), theirs.pop("on_alert")
+        return mine == theirs
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k not in _GENERAL or v != _GENERAL[k])
+        return f"WatchConfig({shown})"
 
     @classmethod
     def from_kwargs(cls, config: WatchConfig | None = None, **kwargs: Any) -> WatchConfig:
         """``GradWatch(config)`` or ``GradWatch(spectra=..., ...)``: one path for both."""
         if config is not None and not isinstance(config, WatchConfig):
-            raise _fail("config", config, "a gradwatch.WatchConfig or None")
-        valid = [f.name for f in fields(cls)]
-        for key in kwargs:
-            if key not in valid:
-                raise ValueError(f"gradwatch: unknown option {key!r}; valid options are {valid}")
+            raise fail("config", config, "a gradwatch.WatchConfig or None")
         if config is None:
             return cls(**kwargs)
-        if not kwargs:
-            return config
-        merged = {f.name: getattr(config, f.name) for f in fields(cls)}
-        merged.update(kwargs)
-        return cls(**merged)
+        return config.replace(**kwargs) if kwargs else config
+
+
+def family_every(config: Any) -> Cadence:
+    """A family config's ``every`` as a Cadence (family configs coerce it in ``__post_init__``)."""
+    return as_cadence(f"{type(config).__name__}.every", config.every)
+
+
+def __getattr__(name: str) -> Any:
+    # SpectraConfig & co. moved beside their families; the old import path keeps working
+    import gradwatch
+
+    if name in ("SPECTRUM_STATS", "SPECTRUM_METHODS"):
+        from gradwatch.metrics import grad_spectrum
+
+        return getattr(grad_spectrum, name)
+    if name in getattr(gradwatch, "__all__", ()):
+        return getattr(gradwatch, name)
+    raise AttributeError(f"module 'gradwatch.config' has no attribute {name!r}")

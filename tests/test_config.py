@@ -9,6 +9,7 @@ import re
 import pytest
 
 import gradwatch
+import gradwatch.registry
 from gradwatch.config import (
     ON_ERROR_CHOICES,
     SPECTRUM_METHODS,
@@ -128,7 +129,8 @@ def test_spectra_defaults() -> None:
     assert c.every == Cadence.every(50)
     assert c.stats == SPECTRUM_STATS
     assert c.method == "gram"
-    assert c.mad is True and c.embeddings is False and c.output_head is False and c.per_example is False
+    assert c.mad is True and c.per_example is False
+    assert c.embeddings is None and c.output_head is None  # deprecated here: WatchConfig(embeddings=...)
     assert c.heatmap_every == Cadence.every(500)
     assert SpectraConfig(heatmap_every=0).heatmap_every is None
     assert SpectraConfig(stats=["top1_ratio", "nuclear_norm"]).stats == ("top1_ratio", "nuclear_norm")
@@ -273,10 +275,15 @@ def test_watch_on_error() -> None:
     assert WatchConfig(on_error="raise").on_error == "raise"
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, math.inf, math.nan, True, "0.05"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.inf, math.nan, True, "0.05"])
 def test_watch_max_overhead(bad: object) -> None:
-    with pytest.raises(ValueError, match=_msg("max_overhead", "a number in (0.0, 1.0]", bad)):
+    with pytest.raises(ValueError, match=_msg("max_overhead", "a number in [0.0, 1.0]", bad)):
         WatchConfig(max_overhead=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("off", [0, 0.0, None])
+def test_watch_max_overhead_zero_or_none_turns_the_budget_off(off: object) -> None:
+    assert WatchConfig(max_overhead=off).max_overhead is None  # the same meaning as --gradwatch_max_overhead 0
 
 
 def test_watch_other_fields() -> None:
@@ -298,8 +305,9 @@ def test_from_kwargs() -> None:
 
 
 def test_from_kwargs_unknown_option() -> None:
-    valid = re.escape(str(["spectra", "sharpness", "include", "exclude", "log_dir", "max_overhead", "on_error",
-                           "probe_seed", "loss_fn"]))
+    valid = re.escape(str(["spectra", "sharpness", *[f.key for f in gradwatch.registry.families()][2:],
+                           "include", "exclude", "embeddings", "output_head", "log_dir", "max_overhead",
+                           "on_error", "probe_seed", "loss_fn", "on_alert", "alert_cooldown"]))
     with pytest.raises(ValueError, match=r"unknown option 'spectrum'; valid options are " + valid):
         WatchConfig.from_kwargs(spectrum=True)
     with pytest.raises(ValueError, match=r"unknown option 'every'"):
@@ -317,3 +325,30 @@ def test_configs_are_frozen() -> None:
     c = WatchConfig()
     with pytest.raises(AttributeError):
         c.on_error = "raise"  # type: ignore[misc]
+
+
+def test_watch_alert_options() -> None:
+    with pytest.raises(ValueError, match=_msg("on_alert", "a callable on_alert(alert) or None", "print")):
+        WatchConfig(on_alert="print")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=_msg("alert_cooldown", "an int >= 0", -5)):
+        WatchConfig(alert_cooldown=-5)
+    assert WatchConfig(on_alert=print).on_alert is print
+
+
+def test_layer_selection_is_shared_and_spectra_fields_are_deprecated() -> None:
+    assert WatchConfig(embeddings=True, output_head=True).embeddings is True
+    with pytest.raises(ValueError, match=_msg("embeddings", "True or False", "yes")):
+        WatchConfig(embeddings="yes")  # type: ignore[arg-type]
+    with pytest.warns(DeprecationWarning, match=r"use WatchConfig\(embeddings=True\)"):
+        cfg = WatchConfig(spectra=SpectraConfig(embeddings=True))
+    assert cfg.embeddings is True
+
+
+def test_config_is_immutable_and_replace_validates() -> None:
+    cfg = WatchConfig()
+    with pytest.raises(AttributeError, match="immutable"):
+        cfg.include = ("x",)  # type: ignore[misc]
+    assert cfg.replace(sharpness=True).sharpness == SharpnessConfig()
+    assert cfg == WatchConfig() and cfg != cfg.replace(spectra=False)
+    with pytest.raises(ValueError, match="probe_seed"):
+        cfg.replace(probe_seed=-1)

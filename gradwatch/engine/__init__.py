@@ -1,8 +1,11 @@
-"""Framework-agnostic engine: layer discovery, probe data, cadence, budget, hand-off to sinks."""
+"""Layer 2, framework-agnostic: layers, probe data, events, cadence, budget, ranks, hooks, hand-off to sinks."""
 
-from gradwatch.engine.layers import Discovery, WatchedMatrix, discover_matrices, layer_family
-from gradwatch.engine.probe import ProbeSet
-from gradwatch.engine.watcher import GradWatchError, Sink, Watcher, extra_pass
+from gradwatch.engine.context import EngineStepContext, ExtraPass, extra_pass
+from gradwatch.engine.layers import WatchedLayers, WatchedMatrix, discover_matrices, layer_family
+from gradwatch.engine.probe import ProbeSet, ProbeSource
+from gradwatch.engine.sinks import Emission, Sink
+from gradwatch.engine.watcher import GradWatchAlert, GradWatchError, Watcher
 
-__all__ = ["Discovery", "GradWatchError", "ProbeSet", "Sink", "WatchedMatrix", "Watcher", "discover_matrices",
-           "extra_pass", "layer_family"]
+__all__ = ["Emission", "EngineStepContext", "ExtraPass", "GradWatchAlert", "GradWatchError", "ProbeSet",
+           "ProbeSource", "Sink", "WatchedLayers", "WatchedMatrix", "Watcher", "discover_matrices", "extra_pass",
+           "layer_family"]

@@ -3,7 +3,7 @@
 Watched by default: the weights of ``nn.Linear``, ``nn.Conv1d/2d/3d`` (kernel read as (out, in*k)),
 GPT-2's ``Conv1D`` (stored as (in, out), read transposed) and ``nn.MultiheadAttention``'s projections.
 Fused q/k/v projections (``in_proj_weight``, GPT-2's ``c_attn``) are split into ``.q``, ``.k``, ``.v``.
-Embedding tables and the output head are opt-in (``SpectraConfig.embeddings`` / ``output_head``).
+Embedding tables and the output head are opt-in (``WatchConfig(embeddings=True, output_head=True)``).
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ class WatchedMatrix:
 
 
 @dataclass(frozen=True)
-class Discovery:
-    """Result of :func:`discover_matrices`."""
+class WatchedLayers:
+    """The watched gradient matrices of a model (what :func:`discover_matrices` finds), shared by every
+    family."""
 
     matrices: tuple[WatchedMatrix, ...]
     params: dict[str, nn.Parameter]
@@ -122,7 +123,7 @@ def _candidates(model: nn.Module, embeddings: bool, output_head: bool) -> list[t
 
 
 def discover_matrices(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                      *, embeddings: bool = False, output_head: bool = False) -> Discovery:
+                      *, embeddings: bool = False, output_head: bool = False) -> WatchedLayers:
     """Find the gradient matrices to watch in ``model``.
 
     Args:
@@ -159,7 +160,10 @@ def discover_matrices(model: nn.Module, include: Sequence[str] = ("*",), exclude
             continue
         params[name] = p
         matrices.extend(blocks)
-    return Discovery(tuple(matrices), params, tuple(frozen))
+    return WatchedLayers(tuple(matrices), params, tuple(frozen))
+
+
+Discovery = WatchedLayers  # the name before engine v2
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -183,7 +187,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def gradient_matrices(discovery: Discovery, scale: float | Tensor | None = None) -> tuple[list[Tensor], list[int]]:
+def gradient_matrices(discovery: WatchedLayers, scale: float | Tensor | None = None) -> tuple[list[Tensor], list[int]]:
     """The current gradient of each watched matrix (views, or dense copies of sparse gradients; multiplied
     by ``scale`` when given).
 

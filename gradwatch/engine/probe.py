@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import warnings
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,6 +99,11 @@ def infer_per_example_loss(model: nn.Module, batch: Any) -> Tensor:
     raise ValueError(NO_LOSS_MESSAGE.format(what=f"{type(model).__name__} with batches of type {type(batch).__name__}"))
 
 
+def _say_smaller(size: int, n: int) -> None:
+    warnings.warn(f"gradwatch: the probe set asks for {size} examples but the training dataset has {n}; "
+                  f"using all {n}", RuntimeWarning, stacklevel=3)
+
+
 class ProbeSet:
     """A fixed set of training examples, with the losses diagnostics evaluate on it.
 
@@ -125,7 +133,8 @@ class ProbeSet:
     @classmethod
     def from_dataset(cls, dataset: Any, size: int, *, seed: int = 0, collate_fn: Callable | None = None,
                      **kwargs: Any) -> ProbeSet:
-        """Draw ``size`` examples without replacement, seeded; the first ``size`` of an iterable dataset."""
+        """Draw ``size`` examples without replacement, seeded; the first ``size`` of an iterable dataset. A
+        dataset smaller than ``size`` is used whole, and a RuntimeWarning says so."""
         if size < 1:
             raise ValueError(f"gradwatch: probe size expected an int >= 1, got {size!r}")
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
@@ -134,13 +143,17 @@ class ProbeSet:
                 examples.append(ex)
                 if len(examples) == size:
                     break
+            if not examples:
+                raise ValueError("gradwatch: the training dataset is empty; probe diagnostics need examples")
             if len(examples) < size:
-                raise ValueError(f"gradwatch: probe size {size} is larger than the iterable dataset "
-                                 f"({len(examples)} examples)")
-            return cls(examples, list(range(size)), collate_fn, **kwargs)
+                _say_smaller(size, len(examples))
+            return cls(examples, list(range(len(examples))), collate_fn, **kwargs)
         n = len(dataset)
+        if n == 0:
+            raise ValueError("gradwatch: the training dataset is empty; probe diagnostics need examples")
         if size > n:
-            raise ValueError(f"gradwatch: probe size expected at most the dataset size ({n}), got {size}")
+            _say_smaller(size, n)
+            size = n
         gen = torch.Generator().manual_seed(seed)
         indices = sorted(torch.randperm(n, generator=gen)[:size].tolist())
         return cls([dataset[i] for i in indices], indices, collate_fn, **kwargs)
@@ -185,3 +198,39 @@ class ProbeSet:
         if self.training_loss_fn is not None:
             return self.training_loss_fn(model, batch)
         return self.per_example_loss(model, batch).mean()
+
+
+DEFAULT_PROBE_BATCH_SIZE = 64
+
+
+@dataclass
+class ProbeSource:
+    """Where the probe set is drawn from, as a host adapter finds it; ``source(size)`` draws it.
+
+    Attributes:
+        dataset: the training dataset (map-style or iterable).
+        collate_fn: the training loader's collate function.
+        device: where probe batches go.
+        batch_size: the training batch size (probe batches match it, so a summed loss keeps its scale).
+        seed: the draw's seed.
+        loss_fn: the user's per-example loss, if any.
+        training_loss_fn: the host's training loss on a batch (Lightning's ``training_step``, HF's
+            ``compute_loss``).
+    """
+
+    dataset: Any
+    collate_fn: Callable | None
+    device: torch.device
+    batch_size: int | None
+    seed: int = 0
+    loss_fn: LossFn | None = None
+    training_loss_fn: LossFn | None = None
+
+    def __call__(self, size: int) -> ProbeSet:
+        if self.dataset is None:
+            raise ValueError("gradwatch: probe diagnostics need the training dataset; the trainer has no "
+                             "training DataLoader with a dataset")
+        return ProbeSet.from_dataset(self.dataset, size, seed=self.seed, collate_fn=self.collate_fn,
+                                     device=self.device, loss_fn=self.loss_fn,
+                                     training_loss_fn=self.training_loss_fn,
+                                     batch_size=self.batch_size or DEFAULT_PROBE_BATCH_SIZE)

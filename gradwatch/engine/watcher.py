@@ -1,77 +1,53 @@
-"""The framework-agnostic engine that the callbacks drive.
+"""The framework-agnostic engine that the host adapters drive (engine v2).
 
-A host adapter calls :meth:`Watcher.attach` at train start, :meth:`Watcher.on_gradients_ready` once per
-optimizer step (gradients final: accumulated, unscaled, all-reduced), and :meth:`Watcher.close` at the
-end. The watcher decides what is due, gives each due diagnostic a :class:`StepContext`, collects
-``compute()`` results into one ``dict[tag, Tensor]``, moves it to the host in one transfer and hands it
-to the sinks. It never writes ``.grad``, parameters, buffers, the optimizer or the user's RNG stream.
+Events, called by an adapter on every rank (see ``gradwatch.metrics.base`` for the whole contract):
+
+- :meth:`Watcher.attach` at train start: finds the layers, builds every registered family's diagnostics,
+  draws the probe set, opens the sinks;
+- :meth:`Watcher.on_step_start` before the first micro-batch's forward of optimizer step t: decides what is
+  due (cadence, then the overhead budget, decided by rank zero for every rank) and arms forward hooks;
+- :meth:`Watcher.on_gradients_ready` when gradients are final: disarms hooks, snapshots weights, runs the
+  ``gradients_ready`` observations;
+- :meth:`Watcher.on_step_end` after the optimizer step, with the loss: runs the ``step_end`` observations,
+  then computes, emits and resets every diagnostic whose log cadence is due;
+- :meth:`Watcher.on_exception` and :meth:`Watcher.close`.
+
+It never writes ``.grad``, parameters, buffers, the optimizer or the user's RNG stream.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradwatch.config import WatchConfig
-from gradwatch.engine.layers import (Discovery, discover_matrices, gradient_matrices, unwrap_model,
-                                     unwrap_optimizer)
+from gradwatch.engine.context import EngineStepContext
+from gradwatch.engine.hooks import ActivationCapture
+from gradwatch.engine.layers import WatchedLayers, discover_matrices, unwrap_model
 from gradwatch.engine.probe import ProbeSet
-from gradwatch.metrics import DIAGNOSTICS
-from gradwatch.metrics.base import Diagnostic, HeatmapSpec, StepContext
+from gradwatch.engine.ranks import Ranks
+from gradwatch.engine.sinks import Emission, Sink
+from gradwatch.metrics.base import Alert, ChartGroup, Diagnostic, Results, tensors_to
+from gradwatch.registry import BuildInputs, families
 
-MAX_HEATMAP_COLUMNS = 512
-
-
-class Sink(Protocol):
-    """Where results go (``gradwatch.integrations.tensorboard.TensorBoardSink`` is one)."""
-
-    def write_layout(self, layout: dict[str, dict[str, list]]) -> None: ...
-
-    def log_scalars(self, step: int, scalars: dict[str, float]) -> None: ...
-
-    def log_heatmap(self, name: str, step: int, values: np.ndarray, labels: Sequence[str],
-                    steps: Sequence[int], log_scale: bool) -> None: ...
-
-    def log_text(self, tag: str, text: str, step: int) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
+STATE_VERSION = 2
 
 
 class GradWatchError(RuntimeError):
     """A diagnostic failed while ``on_error="raise"``."""
 
 
-@contextlib.contextmanager
-def extra_pass(model: nn.Module) -> Iterator[nn.Module]:
-    """Observe-only context for forward/backward passes that are not the user's.
+class GradWatchAlert(GradWatchError):
+    """An alert fired while ``on_error="raise"`` (strict mode)."""
 
-    Eval mode (no dropout, BatchNorm running statistics untouched), the RNG state forked (CPU and the
-    current CUDA device) so the user's random stream is unchanged, the math SDPA kernel (the only one
-    with a double backward), and every module's training flag restored afterwards.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        kernel: Any = sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # pragma: no cover - torch < 2.3
-        kernel = contextlib.nullcontext()
-    with torch.random.fork_rng(devices=devices), kernel, torch.enable_grad():
-        model.eval()
-        try:
-            yield model
-        finally:
-            for m, mode in modes:
-                m.training = mode
+    def __init__(self, alert: Alert) -> None:
+        super().__init__(f"gradwatch alert {alert.rule} at step {alert.step}: {alert.message}")
+        self.alert = alert
 
 
 class Watcher:
@@ -79,96 +55,336 @@ class Watcher:
 
     Args:
         config: the validated :class:`WatchConfig`.
+        clock: seconds since an arbitrary origin (``time.perf_counter``; tests inject a fake one).
     """
 
-    def __init__(self, config: WatchConfig) -> None:
+    def __init__(self, config: WatchConfig, *, clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
+        self.clock = clock
         self.diagnostics: list[Diagnostic] = []
-        self.discovery: Discovery | None = None
+        self.layers: WatchedLayers | None = None
         self.sinks: list[Sink] = []
         self.model: nn.Module | None = None
-        self.is_rank_zero = True
-        self._probe_factory: Callable[[int], ProbeSet] | None = None
+        self.ranks = Ranks()
+        self.capture = ActivationCapture(on_error=self._hook_failed)
+        self._probe_source: Callable[[int], ProbeSet] | None = None
         self._probe: ProbeSet | None = None
         self._warned: set[str] = set()
-        self._pending: set[int] = set()
+        self._pending: set[int] = set()  # due observations not yet run (postponed by the budget)
+        self._failed: set[int] = set()  # diagnostics with a failed observation in the current interval
+        self._observed: set[int] = set()  # diagnostics observed (or tried) in the current interval, every rank
+        self._alert_last: dict[str, int] = {}
+        self._restored: Mapping[str, Any] | None = None
         self._engine_seconds = 0.0
+        self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
         self._wall_start: float | None = None
-        self._history: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        self._restored: dict[str, Any] | None = None
+        self._warmed: set[int] = set()
+        # the step in flight
+        self._step: int | None = None
+        self._running: list[int] = []
+        self._skipped = False
+        self._optimizer: Any = None
+        self._grad_scale: float | None = None
+        self._weights_before: dict[str, Tensor] | None = None
         self.steps_seen = 0
         self.skipped_steps = 0
-        self.postponed_steps = 0  # steps at which due work waited for the overhead budget (this process)
-        self._warmed: set[int] = set()  # diagnostics that have run once
-        self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
-        self._heatmaps_due: set[int] = set()
+        self.postponed_steps = 0
+        self.last_logged: dict[str, float] = {}
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.ranks.is_zero
 
-    def attach(self, model: nn.Module, *, sinks: Sequence[Sink] = (), is_rank_zero: bool = True,
-               probe_factory: Callable[[int], ProbeSet] | None = None) -> None:
-        """Find the layers, build the diagnostics, write the dashboard layout. Raises on bad patterns."""
-        t0 = time.perf_counter()
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, *, sinks: Sequence[Sink] = (),
+               probe_source: Callable[[int], ProbeSet] | None = None) -> None:
+        """Find the layers, build the diagnostics, draw the probe set, open the sinks. Raises on bad
+        include/exclude patterns and on a probe that cannot be drawn."""
+        t0 = self.clock()
         self._wall_start = t0  # attach's own time counts in both numerator and denominator
+        self.ranks.refresh()
         self.model = unwrap_model(model)
-        self.is_rank_zero = is_rank_zero
-        self.sinks = list(sinks)
-        self._probe_factory = probe_factory
-        spectra = self.config.spectra
-        self.discovery = discover_matrices(
-            self.model, self.config.include, self.config.exclude,
-            embeddings=bool(spectra and spectra.embeddings), output_head=bool(spectra and spectra.output_head))
-        if self.discovery.frozen:
-            shown = ", ".join(self.discovery.frozen[:5]) + (", ..." if len(self.discovery.frozen) > 5 else "")
-            self._warn_once("frozen", f"gradwatch: skipping {len(self.discovery.frozen)} parameters that do not "
-                                      f"require a gradient (frozen or adapter base weights): {shown}")
+        self.sinks = list(sinks) if self.is_rank_zero else []
+        self._probe_source = probe_source
+        cfg = self.config
+        self.layers = discover_matrices(self.model, cfg.include, cfg.exclude, embeddings=cfg.embeddings,
+                                        output_head=cfg.output_head)
+        if self.layers.frozen:
+            frozen = self.layers.frozen
+            shown = ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else "")
+            self._warn_once("frozen", f"gradwatch: skipping {len(frozen)} parameters that do not require a "
+                                      f"gradient (frozen or adapter base weights): {shown}")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self.diagnostics = [d.to(device) for cls in DIAGNOSTICS
-                            for d in cls.from_watch(self.config, self.discovery.matrices)]
+        inputs = BuildInputs(cfg, self.layers.matrices, self.model)
+        enabled = cfg.families
+        self.diagnostics = [d.to(device) for fam in families() if fam.key in enabled
+                            for d in fam.build(enabled[fam.key], inputs)]
         if self._restored is not None:
-            self._load_diagnostics(self._restored)
+            self._load(self._restored)
             self._restored = None
-        if any("probe" in d.needs for d in self.diagnostics):
-            self.probe()  # drawn now, so a probe larger than the data fails at train start
-        layout: dict[str, dict[str, list]] = {"gradwatch": {"overhead": ["Multiline", ["^gradwatch/overhead$"]]}}
+        if self.probe_size():
+            self.probe()  # drawn now, so a probe that cannot be drawn fails at train start
+        charts = [ChartGroup("gradwatch", "overhead", ("gradwatch/overhead",))]
         for d in self.diagnostics:
-            layout.update(d.layout())
-        if self.is_rank_zero:
-            for sink in self.sinks:
-                sink.write_layout(layout)
-        self._engine_seconds += time.perf_counter() - t0
-        self._warmup_seconds += time.perf_counter() - t0
+            charts.extend(d.charts())
+        for sink in self.sinks:
+            sink.open(charts)
+        self._spent(t0, warmup=True)
 
     def close(self) -> None:
-        if self.is_rank_zero:
-            for sink in self.sinks:
-                sink.flush()
-                sink.close()
+        """Remove every hook; flush and close the sinks."""
+        self.capture.disarm()
+        for sink in self.sinks:
+            sink.flush()
+            sink.close()
 
-    # ---- the step -------------------------------------------------------------------------
+    def on_exception(self, exc: BaseException | None = None) -> None:
+        """Training raised: remove every hook and flush what was written; the step in flight is dropped."""
+        self.capture.disarm()
+        self._step = None
+        self._running = []
+        for sink in self.sinks:
+            sink.flush()
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def on_step_start(self, step: int) -> None:
+        """Optimizer step ``step`` (1-based) begins: decide what observes at it and arm forward hooks."""
+        if self.model is None or self._step == step:
+            return
+        t0 = self.clock()
+        self._step = step
+        self._skipped = False
+        self._weights_before = None
+        due = {i for i, d in enumerate(self.diagnostics) if d.observe_cadence().is_due(step)}
+        self._pending |= due
+        self._running = []
+        if self._pending:
+            if self.ranks.from_zero(self._over_budget()):  # rank zero decides for every rank
+                self.postponed_steps += 1
+                self._warn_once("budget", f"gradwatch: postponing due diagnostics at step {step}: gradwatch has "
+                                f"used {100 * self._budgeted_share():.1f}% of the wall time (one-off costs aside), "
+                                f"over max_overhead={self.config.max_overhead}; they run at the first step back "
+                                "under it (raise max_overhead or lower the cadence to see more points; said once)")
+            else:
+                self._running = sorted(self._pending)
+                self._pending.clear()
+        sites = [(i, site) for i in self._running if "activations" in self.diagnostics[i].needs
+                 and self._runs_here(i) for site in self._sites(i)]
+        self.capture.arm(sites)
+        self._spent(t0)
 
     def on_gradients_ready(self, step: int, *, optimizer: Any = None, grad_scale: float | None = None,
-                           check_skipped: bool = False) -> dict[str, float]:
-        """Gradients for optimizer step ``step`` (1-based) are final; run what is due.
+                           check_skipped: bool = False) -> None:
+        """Gradients for optimizer step ``step`` are final (accumulated, all-reduced).
 
         Args:
-            step: the optimizer step about to be taken.
-            optimizer: the optimizer (for diagnostics that read its state).
-            grad_scale: factor that turns the gradients in ``.grad`` into the pre-clip gradients
-                (HF clips before its callbacks run); None for 1.
-            check_skipped: a mixed-precision scaler is active: a step whose gradients hold an inf/NaN
-                will be skipped by the scaler, so it is not reported as taken.
+            optimizer: the optimizer about to step (host wrappers are removed).
+            grad_scale: factor that turns ``.grad`` into the true pre-clip gradients: the inverse loss scale
+                of fp16 gradients not yet unscaled, times the inverse clip factor where the host clipped
+                before its callbacks ran; None for 1.
+            check_skipped: a mixed-precision scaler is active: a step whose gradients hold an inf/NaN is
+                skipped by the scaler, so nothing is observed at it.
+        """
+        if self.model is None:
+            return
+        self.on_step_start(step)  # hosts (and tests) without a pre-forward event
+        t0 = self.clock()
+        self.capture.disarm()
+        self._optimizer, self._grad_scale = optimizer, grad_scale
+        if check_skipped and self.ranks.any(torch.tensor([self._step_will_be_skipped()]))[0]:
+            self._skipped = True
+            self.skipped_steps += 1
+            self._pending.update(self._running)  # observed at the next step instead
+            self._running = []
+        if self._running and any("weights_before" in self.diagnostics[i].needs for i in self._running):
+            assert self.layers is not None
+            self._weights_before = {n: p.detach().clone() for n, p in self.layers.params.items()}
+        self._observe("gradients_ready")
+        self._spent(t0)
+
+    def on_step_end(self, step: int, *, loss: Tensor | float | None = None) -> dict[str, float]:
+        """The optimizer step ``step`` was taken: run ``step_end`` observations, then log what is due.
 
         Returns:
-            The scalars logged at this step (empty when nothing was due).
+            The scalars logged at this step (empty when nothing was logged).
         """
-        if self.model is None or self.discovery is None or not self.is_rank_zero:
+        if self.model is None or self._step != step:
             return {}
-        t0 = time.perf_counter()
+        t0 = self.clock()
+        if self._skipped:
+            self._step = None
+            self._spent(t0)
+            return {}
+        self.steps_seen += 1
+        if loss is not None and not isinstance(loss, Tensor):
+            loss = torch.tensor(float(loss))
+        self._observe("step_end", loss=loss.detach() if isinstance(loss, Tensor) else None)
+        logged = self._log(step)
+        self._step, self._running, self._weights_before = None, [], None
+        self._spent(t0)
+        return logged
+
+    def run_step(self, step: int, *, optimizer: Any = None, grad_scale: float | None = None,
+                 loss: Tensor | float | None = None, check_skipped: bool = False) -> dict[str, float]:
+        """All three step events at once, for a hand-written loop without separate hooks: call it after
+        ``backward()`` and before ``optimizer.step()``. Step-end diagnostics then see the weights before the
+        update as the weights after it (update ratios are zero); use the three events for those."""
+        self.on_step_start(step)
+        self.on_gradients_ready(step, optimizer=optimizer, grad_scale=grad_scale, check_skipped=check_skipped)
+        return self.on_step_end(step, loss=loss)
+
+    # ---- observing ----------------------------------------------------------------------------
+
+    def _runs_here(self, i: int) -> bool:
+        return self.diagnostics[i].runs_on == "all_ranks" or self.is_rank_zero
+
+    def _context(self, phase: Any, loss: Tensor | None = None) -> EngineStepContext:
+        assert self.model is not None and self.layers is not None and self._step is not None
+        return EngineStepContext(step=self._step, phase=phase, model=self.model, layers=self.layers, ranks=self.ranks,
+                                 optimizer=self._optimizer, grad_scale=self._grad_scale,
+                                 probe=self.probe if self.probe_size() else None, loss=loss,
+                                 weights_before=self._weights_before, say_once=self._warn_once)
+
+    def _observe(self, phase: str, loss: Tensor | None = None) -> None:
+        now = [i for i in self._running if self.diagnostics[i].phase == phase]
+        if not now:
+            return
+        ctx = self._context(phase, loss)
+        self._observed.update(now)
+        failed = torch.zeros(len(now), dtype=torch.bool)
+        if any("gradients" in self.diagnostics[i].needs for i in now):
+            try:
+                ctx.gradients()  # a collective for DTensor shards: every rank, before any rank-zero work
+            except Exception as exc:
+                failed[:] = True
+                self._fail(now[0], exc, what="reading the gradients")
+        for k, i in enumerate(now):
+            if failed[k] or not self._runs_here(i):
+                continue
+            d = self.diagnostics[i]
+            t0 = self.clock()
+            try:
+                d.observe(ctx)
+            except Exception as exc:  # a diagnostic never kills training unless strict
+                failed[k] = True
+                self._fail(i, exc)
+            if i not in self._warmed:
+                self._warmed.add(i)
+                self._warmup_seconds += self.clock() - t0
+        if self.ranks.distributed:  # a failure on one rank is a failure on all: nobody waits for it later
+            failed = self.ranks.any(failed)
+        self._failed.update(i for k, i in enumerate(now) if failed[k])
+
+    def _sites(self, i: int) -> Sequence[Any]:
         try:
-            return self._step(step, optimizer, grad_scale, check_skipped)
-        finally:
-            self._engine_seconds += time.perf_counter() - t0
+            return self.diagnostics[i].activation_sites(self.model)
+        except Exception as exc:
+            self._fail(i, exc, what="finding its modules")
+            return ()
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def _log_due(self, i: int, step: int) -> bool:
+        cadence = self.diagnostics[i].log_cadence()
+        observed = i in self._observed  # the same on every rank, so collectives below stay in step
+        if cadence is None:
+            return observed and i in self._running
+        return observed and cadence.is_due(step)
+
+    def _log(self, step: int) -> dict[str, float]:
+        results: list[Results] = []
+        due = [i for i in range(len(self.diagnostics)) if self._log_due(i, step)]
+        for i in due:
+            d = self.diagnostics[i]
+            self._observed.discard(i)
+            if not self._runs_here(i):
+                d.reset()
+                self._failed.discard(i)
+                continue
+            try:
+                res = Results.of(d.compute()) if d._update_count > 0 else d.failed_result()
+            except Exception as exc:
+                self._fail(i, exc, what="compute")
+                res = d.failed_result()
+            d.reset()
+            self._failed.discard(i)
+            results.append(res)
+        if not due:
+            return {}
+        if not results:  # a rank that runs none of the due diagnostics still joins the alert decision
+            self._handle_alerts([])
+            return {}
+        scalars = self._transfer([r.scalars for r in results])
+        scalars["gradwatch/overhead"] = self.overhead()
+        alerts = self._admit_alerts(step, [a for r in results for a in r.alerts])
+        emission = Emission(
+            scalars=scalars,
+            vectors={k: v.detach().double().cpu().numpy() for r in results for k, v in r.vectors.items()},
+            records={k: list(v) for r in results for k, v in r.records.items()},
+            texts={k: v for r in results for k, v in r.texts.items()},
+            alerts=alerts)
+        for sink in self.sinks:
+            sink.write(step, emission)
+            sink.flush()
+        self.last_logged = scalars
+        self._handle_alerts(alerts)
+        return scalars
+
+    @staticmethod
+    def _transfer(groups: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        """Every scalar of a step as floats: one stacked device-to-host transfer per device."""
+        by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        for group in groups:
+            for tag, value in group.items():
+                value = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
+                by_device.setdefault(value.device, []).append((tag, value))
+        out: dict[str, float] = {}
+        for items in by_device.values():
+            flat = torch.stack([v.reshape(()).to(torch.float64) for _, v in items]).cpu().tolist()
+            out.update(zip((t for t, _ in items), flat))
+        return out
+
+    # ---- alerts -------------------------------------------------------------------------------
+
+    def _admit_alerts(self, step: int, alerts: Sequence[Alert]) -> list[Alert]:
+        """Once per rule within ``alert_cooldown`` steps; the engine stamps the step."""
+        admitted = []
+        for a in alerts:
+            last = self._alert_last.get(a.rule)
+            if last is not None and step - last < self.config.alert_cooldown:
+                continue
+            self._alert_last[a.rule] = step
+            admitted.append(Alert(a.rule, a.severity, a.message, dict(a.evidence), tuple(a.remedies), step))
+        return admitted
+
+    def _handle_alerts(self, alerts: Sequence[Alert]) -> None:
+        strict = self.config.on_error == "raise"
+        if self.is_rank_zero and self.config.on_alert is not None:
+            for a in alerts:
+                try:
+                    self.config.on_alert(a)
+                except Exception as exc:
+                    if strict:
+                        raise GradWatchError(f"gradwatch: on_alert raised for {a.rule}: {exc!r}") from exc
+                    self._warn_once("on_alert", f"gradwatch: on_alert raised for {a.rule} and is ignored; training "
+                                                f"goes on (on_error='raise' makes this fatal): {exc!r}")
+        if not strict:
+            return
+        fire = self.ranks.from_zero(bool(alerts))  # every rank stops together
+        if alerts:
+            raise GradWatchAlert(alerts[0])
+        if fire:
+            raise GradWatchError("gradwatch: an alert fired on rank zero (strict mode)")
+
+    # ---- budget -------------------------------------------------------------------------------
+
+    def _spent(self, t0: float, warmup: bool = False) -> None:
+        dt = self.clock() - t0
+        self._engine_seconds += dt
+        if warmup:
+            self._warmup_seconds += dt
 
     def overhead(self) -> float:
         """gradwatch's share of wall time since attach (everything it did, warm-up included)."""
@@ -177,7 +393,7 @@ class Watcher:
     def _share(self, seconds: float) -> float:
         if self._wall_start is None:
             return 0.0
-        wall = time.perf_counter() - self._wall_start
+        wall = self.clock() - self._wall_start
         return seconds / wall if wall > 0 else 0.0
 
     def _budgeted_share(self) -> float:
@@ -193,85 +409,20 @@ class Watcher:
             return False
         return self._budgeted_share() > budget
 
-    def _step(self, step: int, optimizer: Any, grad_scale: float | None, check_skipped: bool) -> dict[str, float]:
-        assert self.model is not None and self.discovery is not None
-        due = [i for i, d in enumerate(self.diagnostics) if d.cadence().is_due(step)]
-        self._pending.update(due)
-        # a heatmap due now is drawn at the diagnostic's next run, even if the budget postpones that run
-        self._heatmaps_due.update(i for i, d in enumerate(self.diagnostics)
-                                  if (c := d.heatmap_cadence()) is not None and c.is_due(step))
-        if not self._pending:
-            self.steps_seen += 1
-            return {}
-        if check_skipped and self._step_will_be_skipped():
-            self.skipped_steps += 1
-            return {}
-        self.steps_seen += 1
-        if self._over_budget():  # postponed: the pending diagnostics run at the first step back under budget
-            self.postponed_steps += 1
-            self._warn_once("budget", f"gradwatch: postponing due diagnostics at step {step}: gradwatch has "
-                            f"used {100 * self._budgeted_share():.1f}% of the wall time (one-off costs aside), "
-                            f"over max_overhead={self.config.max_overhead}; they run at the first step back "
-                            "under it (raise max_overhead or lower the cadence to see more points; said once)")
-            return {}
-        run = sorted(self._pending)
-        self._pending.clear()
-        ctx = self._context(step, optimizer, grad_scale)
-        results: dict[str, Tensor] = {}
-        for i in run:
-            d = self.diagnostics[i]
-            name = type(d).__name__
-            t0 = time.perf_counter()
-            try:
-                d.observe(ctx)
-            except Exception as exc:  # a diagnostic never kills training unless strict
-                self._fail(name, exc)
-            try:
-                results.update(d.compute())
-            except Exception as exc:
-                self._fail(f"{name}.compute", exc)
-            d.reset()
-            if i not in self._warmed:
-                self._warmed.add(i)
-                self._warmup_seconds += time.perf_counter() - t0
-        scalars = self._transfer(results)
-        scalars["gradwatch/overhead"] = self.overhead()
-        for sink in self.sinks:
-            sink.log_scalars(step, scalars)
-        self._record_heatmaps(step, scalars, run)
-        for sink in self.sinks:
-            sink.flush()
-        return scalars
+    # ---- probe --------------------------------------------------------------------------------
 
-    def _context(self, step: int, optimizer: Any, grad_scale: float | None) -> StepContext:
-        assert self.model is not None and self.discovery is not None
-        discovery = self.discovery
-        cache: dict[str, Any] = {}
-
-        def gradients() -> tuple[list[Tensor], list[int]]:
-            if "gradients" not in cache:
-                cache["gradients"] = gradient_matrices(discovery, None if grad_scale in (None, 1.0) else grad_scale)
-            return cache["gradients"]
-
-        return StepContext(step=step, model=self.model, optimizer=unwrap_optimizer(optimizer),
-                           watched=discovery.matrices,
-                           params=discovery.params, gradients=gradients, probe=self.probe,
-                           extra_pass=lambda: extra_pass(self.model), cache=cache)
+    def probe_size(self) -> int:
+        """Examples in the probe set: the most any built diagnostic asks for (0: no probe)."""
+        return max((d.probe_size() for d in self.diagnostics), default=0)
 
     def probe(self) -> ProbeSet:
         """The probe set, drawn on first use."""
         if self._probe is None:
-            if self._probe_factory is None:
+            if self._probe_source is None:
                 raise ValueError("gradwatch: this diagnostic needs probe data, but the trainer gave no training "
                                  "dataset to draw it from")
-            self._probe = self._probe_factory(self.probe_size())
+            self._probe = self._probe_source(self.probe_size())
         return self._probe
-
-    def probe_size(self) -> int:
-        """Examples in the probe set: the most any enabled diagnostic asks for."""
-        sizes = [getattr(self.config.sharpness, "probe_size", 0),
-                 getattr(self.config.spectra, "per_example_size", 0) if getattr(self.config.spectra, "per_example", False) else 0]
-        return max(max(sizes), 1)
 
     def _step_will_be_skipped(self) -> bool:
         assert self.model is not None
@@ -280,76 +431,85 @@ class Watcher:
             return False
         return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
-    @staticmethod
-    def _transfer(results: dict[str, Tensor]) -> dict[str, float]:
-        if not results:
-            return {}
-        keys = list(results)
-        flat = torch.stack([results[k].detach().double().reshape(()).to(results[keys[0]].device) for k in keys])
-        return dict(zip(keys, flat.cpu().tolist()))  # one device-to-host transfer per logging event
-
-    # ---- heatmaps -------------------------------------------------------------------------
-
-    def _record_heatmaps(self, step: int, scalars: dict[str, float], ran: Sequence[int]) -> None:
-        for i in ran:
-            draw = i in self._heatmaps_due
-            for spec in self.diagnostics[i].heatmaps():
-                steps, cols = self._history.setdefault(spec.name, ([], []))
-                steps.append(step)
-                cols.append(np.array([scalars.get(t, np.nan) for t in spec.rows], dtype=np.float64))
-                del steps[:-MAX_HEATMAP_COLUMNS], cols[:-MAX_HEATMAP_COLUMNS]
-                if draw and len(steps) >= 2:
-                    self._emit_heatmap(spec, step)
-            self._heatmaps_due.discard(i)
-
-    def _emit_heatmap(self, spec: HeatmapSpec, step: int) -> None:
-        steps, cols = self._history[spec.name]
-        values = np.stack(cols, axis=1)  # rows: layers, columns: logging events
-        for sink in self.sinks:
-            sink.log_heatmap(spec.name, step, values, spec.labels, list(steps), spec.log_scale)
-
-    # ---- errors ---------------------------------------------------------------------------
+    # ---- errors -------------------------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _fail(self, key: str, exc: Exception) -> None:
-        if self.config.on_error == "raise":
-            raise GradWatchError(f"gradwatch: {key} failed: {exc!r}") from exc
-        self._warn_once(key, f"gradwatch: {key} failed and logs NaN; training goes on "
-                             f"(on_error='raise' makes this fatal): {exc!r}")
+    def _describe(self, i: int) -> str:
+        d = self.diagnostics[i]
+        return f"{type(d).__name__} ({d.stem})"
 
-    # ---- state ----------------------------------------------------------------------------
+    def _fail(self, i: int, exc: Exception, what: str = "") -> None:
+        layer = getattr(exc, "layer", None)
+        where = (f" while {what}" if what else "") + (f" on layer {layer}" if layer else "")
+        name = self._describe(i)
+        self._failed.add(i)
+        if self.config.on_error == "raise":
+            raise GradWatchError(f"gradwatch: {name} failed{where} at step {self._step}: {exc!r}") from exc
+        self._warn_once(f"fail:{i}", f"gradwatch: {name} failed{where} at step {self._step} and logs NaN; "
+                                     f"training goes on (said once; on_error='raise' makes this fatal): {exc!r}")
+
+    def _hook_failed(self, owner: Any, exc: Exception) -> None:
+        if isinstance(owner, int):
+            self._fail(owner, exc, what="reducing a forward activation")
+
+    # ---- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: metric states, heatmap history, pending work, time spent."""
+        """Everything needed to resume: interval and carried state of every diagnostic, the sinks' memory
+        (heatmap history), postponed work, alert cooldowns, counters."""
         return {
-            "diagnostics": {f"{i}:{type(d).__name__}": {k: v.cpu() for k, v in d.state_dict().items()}
+            "version": STATE_VERSION,
+            "diagnostics": {self._key(i): {"interval": {k: v.cpu() for k, v in d.state_dict().items()},
+                                           "updates": int(d._update_count),
+                                           "carried": tensors_to(d.carried_state(), "cpu"),
+                                           "failed": i in self._failed}
                             for i, d in enumerate(self.diagnostics)},
-            "heatmaps": {k: (list(s), [c.tolist() for c in cols]) for k, (s, cols) in self._history.items()},
+            "sinks": [s.state_dict() for s in self.sinks],
             "pending": sorted(self._pending),
-            "heatmaps_due": sorted(self._heatmaps_due),
+            "alert_last": dict(self._alert_last),
             "steps_seen": self.steps_seen,
             "skipped_steps": self.skipped_steps,
+            "postponed_steps": self.postponed_steps,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._history = {k: (list(s), [np.asarray(c, dtype=np.float64) for c in cols])
-                         for k, (s, cols) in state.get("heatmaps", {}).items()}
-        self._pending = set(state.get("pending", []))
-        self._heatmaps_due = set(state.get("heatmaps_due", []))
-        self.steps_seen = int(state.get("steps_seen", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before or after :meth:`attach`)."""
         if self.diagnostics:
-            self._load_diagnostics(state)
+            self._load(state)
         else:
-            self._restored = state  # attach() has not run yet: apply once the diagnostics exist
+            self._restored = state  # attach() has not run yet: applied once the diagnostics exist
 
-    def _load_diagnostics(self, state: dict[str, Any]) -> None:
+    def _key(self, i: int) -> str:
+        d = self.diagnostics[i]
+        return f"{i}:{d.stem}:{type(d).__name__}"
+
+    def _load(self, state: Mapping[str, Any]) -> None:
         saved = state.get("diagnostics", {})
         for i, d in enumerate(self.diagnostics):
-            key = f"{i}:{type(d).__name__}"
-            if key in saved:
-                d.load_state_dict({k: v.to(d.device) for k, v in saved[key].items()}, strict=False)
+            entry = saved.get(self._key(i))
+            if entry is None:
+                continue
+            d.load_state_dict({k: v.to(d.device) for k, v in entry["interval"].items()}, strict=False)
+            d._update_count = int(entry.get("updates", 0))
+            d.load_carried_state(tensors_to(entry.get("carried", {}), d.device))
+            if entry.get("failed"):
+                self._failed.add(i)
+            if entry.get("updates", 0) or entry.get("failed"):
+                self._observed.add(i)
+        for sink, s in zip(self.sinks, state.get("sinks", [])):
+            sink.load_state_dict(s)
+        self._pending = set(state.get("pending", []))
+        self._alert_last = dict(state.get("alert_last", {}))
+        self.steps_seen = int(state.get("steps_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.postponed_steps = int(state.get("postponed_steps", 0))
+
+    # kept for callers of the v1 engine
+    @property
+    def discovery(self) -> WatchedLayers | None:
+        return self.layers
+

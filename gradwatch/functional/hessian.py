@@ -25,7 +25,7 @@ from torch import Tensor
 
 Matvec = Callable[[Tensor], Tensor]
 
-__all__ = ["HessianOperator", "LanczosResult", "PowerIterationResult", "TraceEstimate", "flatten",
+__all__ = ["HessianOperator", "preconditioned", "LanczosResult", "PowerIterationResult", "TraceEstimate", "flatten",
            "hutchinson_trace", "hutchpp_trace", "lanczos_top_eigenvalues", "power_iteration", "unflatten"]
 
 
@@ -38,6 +38,17 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Splits a flat ``vector`` into views shaped (and cast) like the tensors in ``like``."""
     pieces = torch.split(vector, [t.numel() for t in like])
     return tuple(p.view_as(t).to(t.dtype) for p, t in zip(pieces, like))
+
+
+def preconditioned(matvec: Matvec, diag: Tensor) -> Matvec:
+    """``v -> D^-1/2 A D^-1/2 v`` for a flat positive ``diag`` D: symmetric, with the eigenvalues of D^-1 A
+    (Cohen et al. 2022's preconditioned sharpness when A is the Hessian and D Adam's preconditioner)."""
+    inv_sqrt = diag.rsqrt()
+
+    def product(v: Tensor) -> Tensor:
+        return inv_sqrt * matvec(inv_sqrt.to(v.dtype) * v)
+
+    return product
 
 
 class HessianOperator:

@@ -1,108 +1,327 @@
-"""Hugging Face glue with no code in the training script: ``TrainingArguments(report_to=["gradwatch"])``.
+"""Hugging Face glue kept out of the callback: the ``gradwatch_*`` arguments, finding the Trainer, its training
+loss, the pre-clip gradient norm, the step's loss, the loss scale of fp16 gradients, and where to write.
 
-``report_to`` names are looked up at ``Trainer`` construction in
-``transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK`` (a private dict, verified on
-transformers 5.x); gradwatch adds its name there. The class registered does everything ``"tensorboard"``
-does (``--report_to`` on the command line takes one value) plus gradwatch, configured from the
-``gradwatch_*`` fields of :class:`GradWatchTrainingArguments` (also ``HfArgumentParser`` flags) or the
-defaults when plain ``TrainingArguments`` are used.
+The private ``Trainer`` internals used here (``_clip_grad_norm``, ``training_step``'s return value,
+``_get_num_items_in_batch``) are each isolated in one small class, checked on transformers 4.46-5.x; every
+wrapper is observe-only (same call, same return value) and removed at train end.
+
+``report_to=["gradwatch"]``: the registration lives with the adapter (``gradwatch.callbacks.transformers``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import inspect
+import os
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
-from transformers import TrainingArguments
-from transformers.integrations.integration_utils import TensorBoardCallback
+import torch
+from torch import Tensor, nn
 
-from gradwatch.config import SharpnessConfig, SpectraConfig, WatchConfig
+from gradwatch.config import WatchConfig
+from gradwatch.engine.probe import ProbeSource
+from gradwatch.engine.sinks import Sink
+from gradwatch.integrations.env_knobs import knob_values_from_env
+from gradwatch.integrations.grad_scale import hf_scaler, pending_loss_scale
+from gradwatch.integrations.sinks import build_sinks
+from gradwatch.knobs import config_from_knobs, knobs
 
-REPORT_TO_NAME = "gradwatch"
-
-
-@dataclass
-class GradWatchTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with gradwatch's knobs (each also a ``--gradwatch_*`` command-line flag)."""
-
-    gradwatch_spectra_every: int = field(default=50, metadata={"help": "gradient spectra every N steps (0: off)"})
-    gradwatch_spectra_method: str = field(default="gram", metadata={"help": "gram | gram32 | svdvals"})
-    gradwatch_per_example_every: int = field(default=0, metadata={"help": "per-example spectra every N steps (0: off)"})
-    gradwatch_sharpness_every: int = field(default=0, metadata={"help": "top Hessian eigenvalue every N steps (0: off)"})
-    gradwatch_sharpness_probe_size: int = field(default=256, metadata={"help": "probe examples for sharpness"})
-    gradwatch_include: str = field(default="*", metadata={"help": "comma-separated globs over parameter names"})
-    gradwatch_exclude: str = field(default="", metadata={"help": "comma-separated globs to leave out"})
-    gradwatch_max_overhead: float = field(default=0.05, metadata={"help": "share of wall time gradwatch may use "
-                                                                          "(0: no budget)"})
-    gradwatch_on_error: str = field(default="warn", metadata={"help": "warn | raise"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        config_from_training_args(self)  # a bad gradwatch_* value fails here (ValueError), not at train time
+FIELD_PREFIX = "gradwatch_"
+# torch.nn.utils.clip_grad_norm_ scales by max_norm / (total_norm + 1e-6) (torch/nn/utils/clip_grad.py);
+# accelerate's clip_grad_norm_ calls it, so the pre-clip gradient is grad / min(1, that factor).
+TORCH_CLIP_EPS = 1e-6
 
 
-def config_from_training_args(args: Any) -> WatchConfig:
-    """The :class:`WatchConfig` described by ``gradwatch_*`` fields (defaults where absent)."""
-
-    def get(name: str, default: Any) -> Any:
-        return getattr(args, f"gradwatch_{name}", default)
-
-    spectra_every = get("spectra_every", 50)
-    per_example_every = get("per_example_every", 0)
-    spectra: bool | SpectraConfig = False
-    if spectra_every:
-        spectra = SpectraConfig(every=spectra_every, method=get("spectra_method", "gram"),
-                                per_example=bool(per_example_every), per_example_every=per_example_every or 500)
-    sharpness_every = get("sharpness_every", 0)
-    sharpness: bool | SharpnessConfig = False
-    if sharpness_every:
-        sharpness = SharpnessConfig(every=sharpness_every, probe_size=get("sharpness_probe_size", 256))
-    split = lambda s: tuple(p.strip() for p in s.split(",") if p.strip())  # noqa: E731
-    return WatchConfig(spectra=spectra, sharpness=sharpness, include=split(get("include", "*")) or ("*",),
-                       exclude=split(get("exclude", "")), max_overhead=get("max_overhead", 0.05) or None,
-                       on_error=get("on_error", "warn"))
+# ---- arguments -------------------------------------------------------------------------------------
 
 
-class GradWatchTensorBoardCallback(TensorBoardCallback):
-    """What ``report_to=["gradwatch"]`` builds (with no arguments): HF's TensorBoard logging plus gradwatch
-    in the same writer."""
+def arguments_dataclass(name: str = "GradWatchArguments") -> type:
+    """A dataclass with one ``gradwatch_<knob>`` field per knob (defaults from the configs): for
+    ``HfArgumentParser((TrainingArguments, GradWatchArguments))``. Built from the registered families, so a
+    family registered later gets its fields by calling this again."""
+    specs = []
+    for k in knobs():
+        meta: dict[str, Any] = {"help": k.help}
+        if k.choices:
+            meta["choices"] = list(k.choices)
+        specs.append((FIELD_PREFIX + k.name, k.type, dataclasses.field(default=k.default, metadata=meta)))
 
-    def __init__(self, tb_writer: Any = None) -> None:
-        super().__init__(tb_writer)
-        self.gradwatch: Any = None
+    def post_init(self: Any) -> None:
+        config_from_training_args(self, environ={})  # a bad value fails at parse time, naming the field
 
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from gradwatch.callbacks.transformers import GradWatch, find_calling_trainer
-
-        self.gradwatch = GradWatch(config_from_training_args(args), trainer=find_calling_trainer())
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        super().on_train_begin(args, state, control, **kwargs)
-        self.gradwatch._tb_writer = self.tb_writer
-        self.gradwatch.on_train_begin(args, state, control, **kwargs)
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.gradwatch.on_pre_optimizer_step(args, state, control, **kwargs)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.gradwatch.on_save(args, state, control, **kwargs)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.gradwatch.on_train_end(args, state, control, **kwargs)
-        super().on_train_end(args, state, control, **kwargs)
+    return dataclasses.make_dataclass(name, specs, namespace={"__post_init__": post_init,
+                                                               "__doc__": "gradwatch's knobs as dataclass fields."})
 
 
-def register_report_to() -> bool:
-    """Make ``report_to=["gradwatch"]`` known to transformers. Returns whether it could be registered."""
+GradWatchArguments = arguments_dataclass()
+
+
+def _training_arguments_class() -> type:
+    from transformers import TrainingArguments
+
+    knob_fields = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+                   for f in dataclasses.fields(GradWatchArguments)]
+
+    def post_init(self: Any) -> None:
+        TrainingArguments.__post_init__(self)
+        config_from_training_args(self, environ={})
+
+    return dataclasses.make_dataclass(
+        "GradWatchTrainingArguments", knob_fields, bases=(TrainingArguments,),
+        namespace={"__post_init__": post_init, "__module__": __name__,
+                   "__doc__": "``TrainingArguments`` with gradwatch's knobs (each also a ``--gradwatch_*`` flag)."})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradWatchTrainingArguments":  # built on first use: importing this module imports no transformers
+        cls = _training_arguments_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def config_from_training_args(args: Any, *, environ: Mapping[str, str] | None = None,
+                              base: Mapping[str, Any] | None = None) -> WatchConfig:
+    """The :class:`WatchConfig` of ``gradwatch_*`` fields, the ``GRADWATCH_*`` environment and the defaults.
+
+    Precedence, highest first: a field whose value differs from its default (set by the script or its
+    command line); the environment variable (which ``gradwatch run --<knob>`` sets); the default.
+    """
+    env_values, _ = knob_values_from_env(environ)
+    values: dict[str, Any] = {}
+    for k in knobs():
+        given = getattr(args, FIELD_PREFIX + k.name, k.default)
+        if given != k.default:
+            values[k.name] = given
+        elif k.name in env_values:
+            values[k.name] = env_values[k.name]
     try:
-        from transformers.integrations import integration_utils
-    except ImportError:  # pragma: no cover
-        return False
-    table = getattr(integration_utils, "INTEGRATION_TO_CALLBACK", None)
-    if not isinstance(table, dict):
-        return False  # this transformers keeps report_to names elsewhere: use callbacks=[GradWatch()]
-    table[REPORT_TO_NAME] = GradWatchTensorBoardCallback
-    return True
+        return config_from_knobs(values, base)
+    except ValueError as exc:
+        raise ValueError(f"{exc} [TrainingArguments fields {FIELD_PREFIX}*]") from exc
 
 
-register_report_to()  # importing this module first (before transformers' table) must register too
+# ---- the Trainer, its loss, its clip norm, its step loss ---------------------------------------------
+
+
+def find_calling_trainer(max_depth: int = 12) -> Any | None:
+    """The ``Trainer`` whose method is on the call stack (callback events are fired from one; its callback
+    handler is at most a few frames up, 12 leaves room for subclasses)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+class HFTrainingLoss:
+    """The loss the HF Trainer minimizes on a batch: ``compute_loss``, with ``num_items_in_batch`` counted as
+    the training loop counts it (``Trainer._get_num_items_in_batch`` where it exists: labels other than -100,
+    after the causal shift for models whose loss shifts labels; else every label other than -100).
+
+    Holds the Trainer by weak reference, so a callback that outlives its Trainer does not keep it alive."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        trainer = self._trainer()
+        if trainer is None:
+            raise RuntimeError("gradwatch: the Trainer this loss belongs to no longer exists")
+        num_items = None
+        if isinstance(batch, dict) and "labels" in batch:
+            count = getattr(trainer, "_get_num_items_in_batch", None)
+            if count is not None:
+                num_items = count([batch], batch["labels"].device)
+            elif getattr(trainer, "model_accepts_loss_kwargs", False):
+                num_items = (batch["labels"] != -100).sum()
+        return trainer.compute_loss(model, batch, num_items_in_batch=num_items)
+
+
+class _InstanceWrapper:
+    """Wraps one method on one Trainer instance, observe-only, and undoes exactly that."""
+
+    method: str
+
+    def __init__(self) -> None:
+        self._installed: tuple[Any, Any, Any, bool] | None = None
+
+    def install(self, trainer: Any) -> None:
+        if self._installed is not None:
+            return
+        original = getattr(trainer, self.method)
+        had_own = self.method in vars(trainer)  # already wrapped on the instance (another callback)
+        wrapper = self._wrap(original)
+        setattr(trainer, self.method, wrapper)
+        self._installed = (trainer, original, wrapper, had_own)
+
+    def uninstall(self) -> None:
+        if self._installed is None:
+            return
+        trainer, original, wrapper, had_own = self._installed
+        # Undo only our own wrapper, and only while it is the outermost one: a wrapper put over ours stays,
+        # and ours then just passes the call through.
+        if vars(trainer).get(self.method) is wrapper:
+            if had_own:
+                setattr(trainer, self.method, original)
+            else:
+                delattr(trainer, self.method)
+        self._installed = None
+
+    def _wrap(self, original: Any) -> Any:
+        raise NotImplementedError
+
+
+class ClipNormRecorder(_InstanceWrapper):
+    """Remembers the pre-clip total norm ``Trainer._clip_grad_norm`` returns, to undo the clip exactly."""
+
+    method = "_clip_grad_norm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm: Tensor | float | None = None
+
+    def _wrap(self, original: Any) -> Any:
+        def clip_and_remember(model: nn.Module) -> Any:
+            norm = original(model)
+            self.norm = norm
+            return norm
+
+        return clip_and_remember
+
+    def preclip_factor(self, max_grad_norm: float | None) -> float | None:
+        """The factor undoing this step's clip: grads were multiplied by min(1, max_norm / (norm + eps))."""
+        norm, self.norm = self.norm, None
+        if norm is None or not max_grad_norm or max_grad_norm <= 0:
+            return None
+        norm = float(norm)
+        if norm != norm or norm == float("inf"):  # non-finite: clipping made NaNs; nothing to undo
+            return None
+        return 1.0 / min(1.0, max_grad_norm / (norm + TORCH_CLIP_EPS))
+
+
+class StepLossRecorder(_InstanceWrapper):
+    """The mean of ``Trainer.training_step``'s returned losses over the micro-batches of a step (each is the
+    micro-batch loss divided by the accumulation steps, so their sum is the step's loss)."""
+
+    method = "training_step"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._total: Tensor | None = None
+
+    def _wrap(self, original: Any) -> Any:
+        def step_and_remember(*args: Any, **kwargs: Any) -> Any:
+            loss = original(*args, **kwargs)
+            if isinstance(loss, Tensor):
+                self._total = loss.detach() if self._total is None else self._total + loss.detach()
+            return loss
+
+        return step_and_remember
+
+    def pop(self) -> Tensor | None:
+        total, self._total = self._total, None
+        return total
+
+
+def true_gradient_factor(trainer: Any, optimizer: Any, clip_factor: float | None) -> tuple[float | None, bool]:
+    """(factor turning ``.grad`` into the true pre-clip gradients, whether a mixed-precision scaler is
+    active). Without clipping, accelerate never unscales fp16 gradients before the optimizer step, so
+    ``.grad`` still carries the loss scale then."""
+    scaler = hf_scaler(trainer)
+    loss_scale = pending_loss_scale(scaler, optimizer) if scaler is not None else None
+    factor = clip_factor
+    if loss_scale is not None:
+        factor = (factor or 1.0) / loss_scale
+    return factor, scaler is not None
+
+
+def probe_source(trainer: Any, args: Any, model: nn.Module | None, loader: Any, config: WatchConfig) -> ProbeSource:
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    return ProbeSource(getattr(loader, "dataset", None), getattr(loader, "collate_fn", None), device,
+                       args.per_device_train_batch_size, config.probe_seed, config.loss_fn,
+                       HFTrainingLoss(trainer) if trainer is not None else None)
+
+
+def host_writer(trainer: Any, exclude: Any = None) -> Any | None:
+    """The ``tb_writer`` of HF's ``TensorBoardCallback`` (or a subclass) on this Trainer, if any."""
+    if trainer is None:
+        return None
+    for cb in trainer.callback_handler.callbacks:
+        if cb is not exclude and getattr(cb, "tb_writer", None) is not None:
+            return cb.tb_writer
+    return None
+
+
+def sinks_for(args: Any, state: Any, config: WatchConfig, writer: Any) -> tuple[list[Sink], str | None]:
+    """Rank zero: sinks writing with ``writer`` (HF's own), or into ``log_dir``, or HF's default run dir."""
+    if not state.is_world_process_zero:
+        return [], None
+    if config.log_dir is not None:
+        return build_sinks(log_dir=config.log_dir)
+    if writer is not None:
+        return build_sinks(writer=writer)
+    from transformers.integrations.integration_utils import default_logdir
+
+    log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, default_logdir())
+    print(f"gradwatch: no TensorBoard writer on this Trainer (report_to has no 'tensorboard'); "
+          f"writing TensorBoard files to {log_dir}")
+    return build_sinks(log_dir=log_dir)
+
+
+STATE_FILE = "gradwatch_state.pt"
+
+
+def resume_folder(trainer: Any, args: Any) -> str | None:
+    """The checkpoint folder this run resumes from: ``train(resume_from_checkpoint=...)`` (which HF keeps as
+    ``trainer._resume_from_checkpoint`` in no public place, so it is read from the ``train`` call's
+    arguments on the stack) or ``TrainingArguments(resume_from_checkpoint=...)``; ``True`` means the last
+    ``checkpoint-N`` in ``output_dir``."""
+    resume = _train_call_argument()
+    if resume is None or resume is False:
+        resume = getattr(args, "resume_from_checkpoint", None)
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output_dir)
+    return resume if isinstance(resume, str) else None
+
+
+def _train_call_argument(max_depth: int = 16) -> Any:
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                return None
+            if frame.f_code.co_name in ("train", "_inner_training_loop") and "resume_from_checkpoint" in frame.f_locals:
+                value = frame.f_locals["resume_from_checkpoint"]
+                if value not in (None, False):
+                    return value
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def load_state(folder: str | None) -> dict[str, Any] | None:
+    path = os.path.join(folder, STATE_FILE) if folder else None
+    if path is None or not os.path.isfile(path):
+        return None
+    return torch.load(path, weights_only=True)
+
+
+def save_state(args: Any, state: Any, watcher_state: dict[str, Any]) -> None:
+    folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    if os.path.isdir(folder):
+        torch.save(watcher_state, os.path.join(folder, STATE_FILE))

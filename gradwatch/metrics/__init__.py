@@ -1,10 +1,14 @@
-"""One torchmetrics ``Metric`` per diagnostic, and the registry the engine builds them from."""
+"""One torchmetrics ``Metric`` per diagnostic, and the registration of the built-in families."""
 
-from gradwatch.metrics.base import Diagnostic, HeatmapSpec, StepContext
-from gradwatch.metrics.grad_spectrum import GradSpectrum, PerExampleGradSpectrum
-from gradwatch.metrics.sharpness import Sharpness
+from gradwatch.metrics import grad_spectrum, sharpness
+from gradwatch.metrics.base import (ActivationSite, Alert, ChartGroup, Diagnostic, Heatmap, Results,
+                                    StepContext)
+from gradwatch.metrics.grad_spectrum import GradSpectrum, PerExampleGradSpectrum, SpectraConfig
+from gradwatch.metrics.sharpness import Sharpness, SharpnessConfig
+from gradwatch.registry import register
 
-#: Every diagnostic the engine knows; each builds itself from the WatchConfig (``from_watch``).
-DIAGNOSTICS: tuple[type[Diagnostic], ...] = (GradSpectrum, Sharpness)
+#: The built-in families, one line each.
+BUILTIN_FAMILIES = tuple(register(m.FAMILY) for m in (grad_spectrum, sharpness))
 
-__all__ = ["DIAGNOSTICS", "Diagnostic", "GradSpectrum", "HeatmapSpec", "PerExampleGradSpectrum", "Sharpness", "StepContext"]
+__all__ = ["BUILTIN_FAMILIES", "ActivationSite", "Alert", "ChartGroup", "Diagnostic", "GradSpectrum", "Heatmap",
+           "PerExampleGradSpectrum", "Results", "Sharpness", "SharpnessConfig", "SpectraConfig", "StepContext"]

@@ -1,21 +1,71 @@
-"""What every gradwatch diagnostic is: a torchmetrics ``Metric`` that declares what it needs.
+"""The diagnostic contract (engine v2): what a gradwatch diagnostic declares, receives and returns.
 
-The engine builds each registered diagnostic once at train start, asks it when it is due, hands it a
-:class:`StepContext` with lazy access to what it declared in ``needs``, and later calls ``compute()``
-(a ``dict[tag, Tensor]``) and ``reset()``. A new diagnostic is one subclass plus one line in the
-registry (``gradwatch.metrics.DIAGNOSTICS``); neither the engine nor the callbacks change.
+A diagnostic is a torchmetrics ``Metric`` whose *interval state* (``add_state``) aggregates observations
+between two logging events and whose *carried state* (:meth:`Diagnostic.carried_state`) survives resets
+(warm starts, previous probe losses, running windows). Both are saved in checkpoints.
+
+Lifecycle, driven by the engine (``gradwatch.engine.watcher.Watcher``) from five host events:
+
+=================  ===========================================================================
+event              what the engine does
+=================  ===========================================================================
+step start         before the first micro-batch's forward of optimizer step t: decides what is due
+                   at t, arms the forward hooks of due diagnostics that need ``"activations"``
+gradients ready    gradients final (accumulated, unscaled, all-reduced, pre-clip): disarms the hooks,
+                   snapshots the watched weights for ``"weights_before"``, then runs ``observe`` of
+                   due diagnostics whose ``phase`` is ``"gradients_ready"``
+step end           after the optimizer step, with the step's loss: runs ``observe`` of due diagnostics
+                   whose ``phase`` is ``"step_end"``; then every diagnostic whose *log* cadence is due
+                   and that has observed since its last reset is computed, emitted and reset
+exception, close   hooks removed, sinks flushed and closed
+=================  ===========================================================================
+
+Capabilities (``needs``), each a cached accessor of :class:`StepContext`:
+
+- ``"gradients"``: the watched matrices' true gradients (unscaled, pre-clip; DTensor shards made whole on
+  every rank, a collective the engine runs on every rank);
+- ``"probe"``: the shared, seeded probe set, with :meth:`StepContext.extra_pass` (eval mode, RNG forked,
+  math SDPA kernel, float32 copies swapped in for bf16/fp16 models, grad on or off);
+- ``"optimizer"``: the torch optimizer behind host wrappers (its state is per rank: shards under FSDP2);
+- ``"weights_before"``: the watched weights as they were before the optimizer step (``step_end`` only);
+- ``"activations"``: what the diagnostic's :meth:`Diagnostic.activation_sites` reduced inside forward
+  hooks during the step (armed on due steps only, once per micro-batch);
+- ``"loss"``: the step's training loss (``step_end`` only).
+
+Ranks: every rank enters the engine. ``runs_on = "rank_zero"`` diagnostics observe on rank zero only;
+``"all_ranks"`` ones observe everywhere (sharded state, passes through sharded modules) and must return
+the same result on every rank (rank zero's is written). A failure on any rank is decided together.
+
+Results (:class:`Results`): scalars (0-d tensors, stacked for one device-to-host transfer), vectors
+(histograms), records (rows for ``<name>.jsonl`` in the run directory), texts, and :class:`Alert`\\ s
+(once per rule with a cooldown; an optional user ``on_alert``; raised in strict mode). Chart hints
+(:class:`ChartGroup`, :class:`Heatmap`) are neutral; the TensorBoard sink turns them into custom-scalar
+layouts and images.
+
+A family registers itself once (:class:`gradwatch.registry.Family`): its config class, public key, default,
+tag stem and how it builds its diagnostics. Nothing shared changes when a family is added.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from gradwatch.config import Cadence, WatchConfig
+from gradwatch.config import Cadence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradwatch.config import WatchConfig
+
+Capability = Literal["gradients", "probe", "optimizer", "weights_before", "activations", "loss"]
+CAPABILITIES: tuple[str, ...] = ("gradients", "probe", "optimizer", "weights_before", "activations", "loss")
+RunsOn = Literal["rank_zero", "all_ranks"]
+Phase = Literal["gradients_ready", "step_end"]
+Severity = Literal["info", "warning", "critical"]
 
 
 class Watched(Protocol):
@@ -34,6 +84,9 @@ class ProbeAccess(Protocol):
     """The fixed probe set (see ``gradwatch.engine.probe.ProbeSet``)."""
 
     indices: Sequence[int]
+    examples: Sequence[Any]
+
+    def __len__(self) -> int: ...
 
     def batches(self, limit: int | None = None, batch_size: int | None = None,
                 drop_last: bool = False) -> list[Any]: ...
@@ -45,78 +98,228 @@ class ProbeAccess(Protocol):
     def training_loss(self, model: nn.Module, batch: Any) -> Tensor: ...
 
 
+# ---- results ------------------------------------------------------------------------------------
+
+
 @dataclass
-class StepContext:
-    """What the engine offers a diagnostic at one optimizer step. Accessors are lazy and cached.
+class Alert:
+    """Something a person should look at now.
 
     Attributes:
-        step: the optimizer step being taken (1-based: the weights after it are those of step ``step``).
-        model: the unwrapped model (observe only).
-        optimizer: the torch optimizer about to step (host wrappers removed), or None.
-        watched: the watched matrices, in discovery order.
-        params: parameter name -> parameter, for the watched matrices.
-        gradients: () -> (matrices, indices into ``watched``) of the current (pre-clip) gradients.
-        probe: () -> the probe set (raises a ValueError with the options when no loss can be found).
-        extra_pass: a context manager factory for observe-only extra passes (eval mode, RNG forked,
-            math SDPA kernel, training mode restored).
+        rule: a stable key (``stability/attention_logit_growth``); the engine says each rule once per
+            cooldown.
+        severity: ``info``, ``warning`` or ``critical``.
+        message: one sentence: what was seen.
+        evidence: the values, thresholds and trend that fired it (JSON-serialisable).
+        remedies: what usually helps, with the current setting quoted.
+        step: filled in by the engine.
     """
 
-    step: int
-    model: nn.Module
-    optimizer: Any
-    watched: Sequence[Watched]
-    params: Mapping[str, nn.Parameter]
-    gradients: Callable[[], tuple[list[Tensor], list[int]]]
-    probe: Callable[[], ProbeAccess]
-    extra_pass: Callable[[], Any]
-    cache: dict[str, Any] = field(default_factory=dict)
+    rule: str
+    severity: Severity
+    message: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    remedies: Sequence[str] = ()
+    step: int | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {"step": self.step, "rule": self.rule, "severity": self.severity, "message": self.message,
+                "evidence": dict(self.evidence), "remedies": list(self.remedies)}
+
+
+@dataclass
+class Results:
+    """What one ``compute()`` returns (a plain dataclass: torchmetrics maps ``compute``'s value through its
+    collection helpers, which refuse frozen ones).
+
+    Attributes:
+        scalars: tag -> 0-d tensor (any device); the engine stacks all of a step's scalars and moves them to
+            the host in one transfer.
+        vectors: tag -> 1-d tensor, written as histograms.
+        records: file stem -> rows; each row becomes one JSON line of ``<stem>.jsonl`` in the run directory.
+        texts: tag -> markdown, written as TensorBoard text.
+        alerts: raised this interval.
+    """
+
+    scalars: Mapping[str, Tensor] = field(default_factory=dict)
+    vectors: Mapping[str, Tensor] = field(default_factory=dict)
+    records: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+    texts: Mapping[str, str] = field(default_factory=dict)
+    alerts: Sequence[Alert] = ()
+
+    @staticmethod
+    def of(value: Results | Mapping[str, Tensor]) -> Results:
+        """A plain ``{tag: 0-d Tensor}`` is shorthand for scalars only."""
+        return value if isinstance(value, Results) else Results(scalars=dict(value))
 
 
 @dataclass(frozen=True)
-class HeatmapSpec:
-    """A layer-by-step heatmap: for ``name``, one row per tag in ``tags`` (in that order)."""
+class ChartGroup:
+    """A chart hint: ``tags`` drawn together on one chart titled ``title`` in section ``category``."""
+
+    category: str
+    title: str
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A layer-by-step heatmap hint: one row per tag of ``rows`` (labelled ``labels``), a column per logging
+    event, drawn at ``every``; the sink keeps the column history."""
 
     name: str
     rows: tuple[str, ...]
     labels: tuple[str, ...]
     log_scale: bool
+    every: Cadence
+
+
+Chart = ChartGroup | Heatmap
+
+
+# ---- activation capture -------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationSite:
+    """A module whose forward a diagnostic reduces while it is due (``needs`` has ``"activations"``).
+
+    Attributes:
+        name: the module's name in ``named_modules()``.
+        module: the module.
+        on_forward: ``on_forward(module, args, kwargs, output)`` called after the module's forward; it must
+            reduce at once (a max, a sum) and keep no activation.
+        on_attention: ``on_attention(query, key, attn_mask, is_causal, scale, enable_gqa)`` called for each
+            ``torch.nn.functional.scaled_dot_product_attention`` call made inside the module's forward, with
+            the tensors exactly as the kernel receives them.
+
+    The engine calls each at most once per site per micro-batch forward of the user's model (gradient
+    checkpointing re-runs forwards during backward; those are not counted again).
+    """
+
+    name: str
+    module: nn.Module
+    on_forward: Callable[[nn.Module, tuple, dict, Any], None] | None = None
+    on_attention: Callable[..., None] | None = None
+
+
+# ---- what a diagnostic receives -----------------------------------------------------------------
+
+
+class StepContext(Protocol):
+    """What the engine offers a diagnostic at one step; accessors are cached (see
+    ``gradwatch.engine.context.EngineStepContext``)."""
+
+    step: int
+    phase: Phase
+    model: nn.Module
+    watched: Sequence[Watched]
+    params: Mapping[str, nn.Parameter]
+    rank: int
+    world_size: int
+
+    @property
+    def optimizer(self) -> Any: ...
+
+    def gradients(self) -> tuple[list[Tensor], list[int]]: ...
+
+    def probe(self) -> ProbeAccess: ...
+
+    def extra_pass(self, *, grad: bool = True, float32: bool = True) -> Any:
+        """A context manager yielding ``gradwatch.engine.context.ExtraPass`` (``.model``, ``.params`` to
+        differentiate, ``.cast(batch)``)."""
+
+    def say_once(self, key: str, message: str) -> None: ...
+
+    def weights_before(self) -> dict[str, Tensor]: ...
+
+    @property
+    def loss(self) -> Tensor | None: ...
+
+    def all_reduce(self, tensor: Tensor, op: Literal["sum", "max", "min"] = "sum") -> Tensor: ...
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]: ...
+
+
+# ---- the diagnostic -----------------------------------------------------------------------------
 
 
 class Diagnostic(Metric):
-    """Base class of gradwatch's metrics.
+    """Base class of gradwatch's diagnostics.
 
     Class attributes:
-        family: tag prefix (``grad_spectrum``), also the stem of the functional module.
-        config_field: the field of :class:`WatchConfig` that switches it on and configures it.
-        needs: what ``observe`` uses: ``"gradients"``, ``"probe"``, ``"optimizer"``.
+        stem: the tag prefix (``grad_spectrum``), also the stem of its functional and metrics modules.
+        needs: capabilities ``observe`` uses (see the module docstring).
+        runs_on: ``"rank_zero"`` or ``"all_ranks"``.
+        phase: the event at which ``observe`` runs (``"gradients_ready"`` or ``"step_end"``).
+
+    Subclasses implement :meth:`observe` (pull from the context, call ``update``), ``update`` and
+    ``compute`` (a :class:`Results` or a ``{tag: 0-d Tensor}``), and say when they are due with
+    :meth:`observe_cadence` and :meth:`log_cadence` (by default an interval is one observation).
+    ``compute`` runs only after at least one ``update`` since the last reset.
     """
 
-    family: ClassVar[str]
-    config_field: ClassVar[str]
+    stem: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
+    runs_on: ClassVar[RunsOn] = "rank_zero"
+    phase: ClassVar[Phase] = "gradients_ready"
     full_state_update: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool | None] = None
 
-    @classmethod
-    def from_watch(cls, config: WatchConfig, watched: Sequence[Watched]) -> list[Diagnostic]:
-        """The instances this diagnostic contributes for ``config`` (none when switched off)."""
-        raise NotImplementedError
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("sync_on_compute", False)  # the engine decides what crosses ranks
+        super().__init__(**kwargs)
 
-    def cadence(self) -> Cadence:
+    def observe_cadence(self) -> Cadence:
         """When :meth:`observe` runs."""
         raise NotImplementedError
+
+    def log_cadence(self) -> Cadence | None:
+        """When ``compute`` is emitted and the interval state reset; None (the default): right after every
+        observation, so an interval holds one observation. A cheap quantity observed every step and logged
+        every k returns ``Cadence.every(k)`` here, and its ``compute`` documents the mean or max it takes."""
+        return None
 
     def observe(self, ctx: StepContext) -> None:
         """Pull what it needs from ``ctx`` and call ``self.update(...)``."""
         raise NotImplementedError
 
-    def layout(self) -> dict[str, dict[str, list]]:
-        """TensorBoard custom-scalars layout: ``{category: {title: ["Multiline", [tags]]}}``."""
+    def failed_result(self) -> Results:
+        """What is logged for an interval in which every observation failed (NaNs of the main tags)."""
+        return Results()
+
+    def charts(self) -> Sequence[Chart]:
+        """Chart hints for the sinks."""
+        return ()
+
+    def activation_sites(self, model: nn.Module) -> Sequence[ActivationSite]:
+        """The modules to capture while due (only read when ``"activations"`` is in ``needs``)."""
+        return ()
+
+    def probe_size(self) -> int:
+        """Probe examples this diagnostic uses (0: none)."""
+        return 0
+
+    # carried state: what survives ``reset()`` and must be in checkpoints ------------------------------
+
+    def carried_state(self) -> dict[str, Any]:
+        """State that outlives an interval (tensors, numbers, lists), saved with checkpoints."""
         return {}
 
-    def heatmaps(self) -> list[HeatmapSpec]:
-        """Layer-by-step heatmaps built from this diagnostic's logged values."""
-        return []
+    def load_carried_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`carried_state` returned."""
 
-    def heatmap_cadence(self) -> Cadence | None:
-        return None
+
+def tensors_to(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor inside lists, tuples and dicts moved to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: tensors_to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensors_to(v, device) for v in value)
+    return value
+
+
+__all__ = ["CAPABILITIES", "ActivationSite", "Alert", "Capability", "Chart", "ChartGroup", "Diagnostic",
+           "Heatmap", "Phase", "ProbeAccess", "Results", "RunsOn", "Severity", "StepContext", "Watched",
+           "tensors_to"]

@@ -8,22 +8,102 @@ different quantities: the spectrum of a mean of gradients is not the mean of the
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from gradwatch.config import Cadence, SpectraConfig, WatchConfig
-from gradwatch.functional.spectra import SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
-from gradwatch.metrics.base import Diagnostic, HeatmapSpec, StepContext, Watched
+from gradwatch.config import Cadence, as_cadence, check_bool, check_choice, check_int, fail
+from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
+from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, Results, StepContext, Watched
+from gradwatch.registry import BuildInputs, Family
 
+SPECTRUM_STATS: tuple[str, ...] = STATISTICS
+SPECTRUM_METHODS: tuple[str, ...] = ("gram", "gram32", "svdvals")
 _LOG_SCALE_STATS = {"nuclear_norm", "spectral_norm", "frobenius_norm"}
 
+@dataclass(frozen=True)
+class SpectraConfig:
+    """Per-layer gradient spectra (family ``grad_spectrum``).
 
-def _exact(tag: str) -> str:
-    return "^" + re.escape(tag) + "$"
+    Attributes:
+        every: cadence of the full spectrum of every watched layer's mini-batch gradient.
+        stats: which statistics to log; any of ``SPECTRUM_STATS``.
+        method: ``"gram"``: eigenvalues of the smaller Gram matrix formed and solved in float64 (on the
+            CPU one layer per core, on a GPU batched over same-shaped layers; statistics within ~1e-6
+            relative of a float64 SVD, even for rank-deficient gradients);
+            ``"gram32"``: the same in float32 with torch, batched; kept to show the precision choice: it is
+            no faster than ``"gram"`` (slower on the CPU), and a singular value below
+            ~sqrt(eps32) * s_1 = 3e-4 * s_1 is lost in rounding, so nuclear norm and effective rank
+            of rank-deficient or ill-conditioned gradients can be off by 1e-3 to 1e-1;
+            ``"svdvals"``: ``torch.linalg.svdvals`` in float64, batched (the reference).
+        mad: log the cross-layer mean absolute difference of each statistic per layer family.
+        heatmap_every: cadence of the layer-by-step heatmap images (0 turns them off).
+        embeddings, output_head: deprecated here; use ``WatchConfig(embeddings=..., output_head=...)``,
+            shared by every family.
+        per_example: the seed papers' protocol: per-example gradients on the probe set, spectra averaged
+            per layer, logged as ``grad_spectrum/per_example/<stat>/<param>``.
+        per_example_every: cadence of the per-example mode.
+        per_example_size: how many probe examples the per-example mode uses.
+    """
+
+    every: int | Cadence = 50
+    stats: Sequence[str] = SPECTRUM_STATS
+    method: Literal["gram", "gram32", "svdvals"] = "gram"
+    mad: bool = True
+    heatmap_every: int | Cadence = 500
+    embeddings: bool | None = None
+    output_head: bool | None = None
+    per_example: bool = False
+    per_example_every: int | Cadence = 500
+    per_example_size: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "every", as_cadence("SpectraConfig.every", self.every))
+        if isinstance(self.stats, str) or not isinstance(self.stats, Iterable):
+            raise fail("SpectraConfig.stats", self.stats, f"a list drawn from {list(SPECTRUM_STATS)}")
+        stats = tuple(self.stats)
+        for s in stats:
+            check_choice("SpectraConfig.stats", s, SPECTRUM_STATS)
+        if not stats:
+            raise fail("SpectraConfig.stats", self.stats, f"at least one of {list(SPECTRUM_STATS)}")
+        object.__setattr__(self, "stats", stats)
+        check_choice("SpectraConfig.method", self.method, SPECTRUM_METHODS)
+        if self.heatmap_every == 0:
+            object.__setattr__(self, "heatmap_every", None)
+        else:
+            object.__setattr__(self, "heatmap_every", as_cadence("SpectraConfig.heatmap_every", self.heatmap_every))
+        object.__setattr__(self, "per_example_every",
+                           as_cadence("SpectraConfig.per_example_every", self.per_example_every))
+        check_int("SpectraConfig.per_example_size", self.per_example_size, minimum=1)
+        for name in ("mad", "per_example"):
+            check_bool(f"SpectraConfig.{name}", getattr(self, name))
+        for name in ("embeddings", "output_head"):
+            if getattr(self, name) is not None:
+                check_bool(f"SpectraConfig.{name}", getattr(self, name))
+
+
+
+def _build(config: SpectraConfig, inputs: BuildInputs) -> list[Diagnostic]:
+    watched = inputs.watched
+    if not watched:
+        return []
+    tags = [w.tag for w in watched]
+    families = [w.family for w in watched]
+    out: list[Diagnostic] = [GradSpectrum(tags, families, config.stats, config.method, config.mad,
+                                          config.every, config.heatmap_every)]
+    if config.per_example:
+        out.append(PerExampleGradSpectrum(tags, families, config.stats, config.method, mad=False,
+                                          every=config.per_example_every, heatmap_every=None,
+                                          num_examples=config.per_example_size))
+    return out
+
+
+FAMILY = Family(key="spectra", stem="grad_spectrum", config_class=SpectraConfig, default_on=True, build=_build,
+                summary="singular-value statistics of every watched layer's gradient",
+                knobs=("method", "per_example", "per_example_every", "per_example_size"))
 
 
 class GradSpectrum(Diagnostic):
@@ -36,15 +116,13 @@ class GradSpectrum(Diagnostic):
     States are sums, so a non-finite layer-step is left out of its layer's mean rather than poisoning it.
     """
 
-    family = "grad_spectrum"
-    config_field = "spectra"
+    stem = "grad_spectrum"
     needs = frozenset({"gradients"})
     prefix = "grad_spectrum"
 
     def __init__(self, tags: Sequence[str], families: Sequence[str], stats: Sequence[str],
                  method: SpectrumMethod = "gram", mad: bool = True, every: Cadence | int = 50,
                  heatmap_every: Cadence | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("sync_on_compute", False)  # gradients are identical on every rank
         super().__init__(**kwargs)
         if len(tags) != len(families):
             raise ValueError(f"gradwatch: got {len(tags)} tags but {len(families)} families")
@@ -65,26 +143,8 @@ class GradSpectrum(Diagnostic):
             groups.setdefault(fam, []).append(i)
         self._family_rows = {f: rows for f, rows in groups.items() if len(rows) >= 2}
 
-    @classmethod
-    def from_watch(cls, config: WatchConfig, watched: Sequence[Watched]) -> list[Diagnostic]:
-        spectra: SpectraConfig | None = config.spectra  # type: ignore[assignment]
-        if spectra is None or not watched:
-            return []
-        tags = [w.tag for w in watched]
-        families = [w.family for w in watched]
-        out: list[Diagnostic] = [cls(tags, families, spectra.stats, spectra.method, spectra.mad,
-                                     spectra.every, spectra.heatmap_every)]
-        if spectra.per_example:
-            out.append(PerExampleGradSpectrum(tags, families, spectra.stats, spectra.method, False,
-                                              spectra.per_example_every, None,
-                                              num_examples=spectra.per_example_size))
-        return out
-
-    def cadence(self) -> Cadence:
+    def observe_cadence(self) -> Cadence:
         return self._every
-
-    def heatmap_cadence(self) -> Cadence | None:
-        return self._heatmap_every
 
     def observe(self, ctx: StepContext) -> None:
         matrices, indices = ctx.gradients()
@@ -108,6 +168,11 @@ class GradSpectrum(Diagnostic):
         self.updates += 1
 
     def compute(self) -> dict[str, Tensor]:
+        """Per layer and statistic, the mean over the interval's updates of its finite values (NaN where
+        none was finite); the cross-layer MAD of those means per family; the non-finite layer count."""
+        return self._statistics()
+
+    def _statistics(self) -> dict[str, Tensor]:
         mean = self.total / self.count  # 0/0 -> NaN: no finite value in the interval
         out: dict[str, Tensor] = {}
         for s, stat in enumerate(self.stats):
@@ -120,23 +185,22 @@ class GradSpectrum(Diagnostic):
             out["grad_spectrum/nonfinite_layers"] = self.nonfinite / self.updates.clamp_min(1)
         return out
 
-    def layout(self) -> dict[str, dict[str, list]]:
-        layout: dict[str, dict[str, list]] = {}
-        for stat in self.stats:
-            charts: dict[str, list] = {}
-            for fam in dict.fromkeys(self.families):
-                tags = [f"{self.prefix}/{stat}/{t}" for t, f in zip(self.tags, self.families) if f == fam]
-                charts[f"{stat} | {fam}"] = ["Multiline", [_exact(t) for t in tags]]
-            layout[f"{self.prefix}/{stat}"] = charts
-            if self.mad and self._family_rows:
-                layout.setdefault(f"{self.prefix}/mad", {})[f"{stat} cross-layer MAD"] = [
-                    "Multiline", [_exact(f"{self.prefix}/mad/{stat}/{f}") for f in self._family_rows]]
-        return layout
+    def failed_result(self) -> Results:
+        return Results(scalars=self._statistics())  # of the empty interval: NaN for every layer and MAD
 
-    def heatmaps(self) -> list[HeatmapSpec]:
-        return [HeatmapSpec(f"{self.prefix}/heatmap/{stat}",
-                            tuple(f"{self.prefix}/{stat}/{t}" for t in self.tags), self.tags,
-                            stat in _LOG_SCALE_STATS) for stat in self.stats]
+    def charts(self) -> list[Chart]:
+        charts: list[Chart] = []
+        for stat in self.stats:
+            for fam in dict.fromkeys(self.families):
+                tags = tuple(f"{self.prefix}/{stat}/{t}" for t, f in zip(self.tags, self.families) if f == fam)
+                charts.append(ChartGroup(f"{self.prefix}/{stat}", f"{stat} | {fam}", tags))
+            if self.mad and self._family_rows:
+                charts.append(ChartGroup(f"{self.prefix}/mad", f"{stat} cross-layer MAD",
+                                         tuple(f"{self.prefix}/mad/{stat}/{f}" for f in self._family_rows)))
+        if self._heatmap_every is not None:
+            charts.extend(Heatmap(f"{self.prefix}/heatmap/{stat}", tuple(f"{self.prefix}/{stat}/{t}" for t in self.tags),
+                                  self.tags, stat in _LOG_SCALE_STATS, self._heatmap_every) for stat in self.stats)
+        return charts
 
 
 class _ProbeLoss(torch.nn.Module):
@@ -172,13 +236,17 @@ class PerExampleGradSpectrum(GradSpectrum):
         self.max_bytes = max_bytes
         self.use_vmap = True  # set to False after vmap fails once on this model
 
+    def probe_size(self) -> int:
+        return self.num_examples
+
     def observe(self, ctx: StepContext) -> None:
         probe = ctx.probe()
         names = list(dict.fromkeys(w.param_name for w in ctx.watched))
-        with ctx.extra_pass() as model:
-            grads = self._vmap_gradients(model, probe, names, ctx.params) if self.use_vmap else None
+        with ctx.extra_pass(grad=True) as extra:
+            params = {n: extra.params[n] for n in names}
+            grads = self._vmap_gradients(extra, probe, names, params) if self.use_vmap else None
             if grads is None:
-                grads = self._loop_gradients(model, probe, names, ctx.params)
+                grads = self._loop_gradients(extra, probe, names, params)
         mats, idx = [], []
         for i, w in enumerate(ctx.watched):  # every example's matrices in one grouped solve
             g = grads.get(w.param_name)
@@ -187,22 +255,22 @@ class PerExampleGradSpectrum(GradSpectrum):
                 idx.extend([i] * len(g))
         self.update(mats, idx)
 
-    def _loop_gradients(self, model: torch.nn.Module, probe: Any, names: list[str],
+    def _loop_gradients(self, extra: Any, probe: Any, names: list[str],
                         params: Any) -> dict[str, list[Tensor]]:
         out: dict[str, list[Tensor]] = {n: [] for n in names}
         for batch in probe.example_batches(self.num_examples):
-            loss = probe.per_example_loss(model, batch).sum()
+            loss = probe.per_example_loss(extra.model, extra.cast(batch)).sum()
             for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)):
                 if g is not None:
                     out[n].append(g)
         return {n: g for n, g in out.items() if g}
 
-    def _vmap_gradients(self, model: torch.nn.Module, probe: Any, names: list[str],
+    def _vmap_gradients(self, extra: Any, probe: Any, names: list[str],
                         params: Any) -> dict[str, Tensor] | None:
         from torch.func import functional_call, grad, vmap
         from torch.utils._pytree import tree_map
 
-        loss_module = _ProbeLoss(model, probe)
+        loss_module = _ProbeLoss(extra.model, probe)
         weights = {f"model.{n}": params[n].detach() for n in names}
         per_example_bytes = sum(w.numel() * w.element_size() for w in weights.values())
         chunk = max(1, min(self.num_examples, self.max_bytes // max(per_example_bytes, 1)))
@@ -212,12 +280,9 @@ class PerExampleGradSpectrum(GradSpectrum):
             return functional_call(loss_module, w, (one,)).sum()
 
         try:
-            batch = probe.batches(self.num_examples, batch_size=self.num_examples)[0]
+            batch = extra.cast(probe.batches(self.num_examples, batch_size=self.num_examples)[0])
             g = vmap(grad(example_loss), in_dims=(None, 0), chunk_size=chunk)(weights, batch)
         except Exception:  # vmap cannot trace this model or batch: the loop is exact too, only slower
             self.use_vmap = False
             return None
         return {n: g[f"model.{n}"] for n in names}
-
-    def heatmaps(self) -> list[HeatmapSpec]:
-        return []

@@ -9,95 +9,86 @@ preconditioned sharpness lambda_1(P^-1/2 H P^-1/2) against (2 + 2 beta1) / ((1 -
 
 The loss is the one the optimizer minimizes, as the host computes it (Lightning's ``training_step``, HF's
 ``compute_loss``), averaged over probe batches of the training batch size, so a sum-reduced loss keeps
-its scale. Lanczos is warm-started from the previous top eigenvector.
+its scale. Lanczos is warm-started from the previous top eigenvector, which is carried state: it is
+saved in checkpoints, so the first estimate after a resume is as cheap as it would have been.
 
-Models stored in half precision (bf16/fp16 parameters) are measured in float32: float32 copies of the
-parameters and floating buffers are swapped in for the duration of the loss closure (torch's stateless
-reparametrization, so the host's own loss code runs unchanged) and floating probe inputs are cast to
-float32; the user's parameters and buffers are never modified and no ``.grad`` is written.
+Half-precision models (bf16/fp16 parameters) are measured in float32 through the engine's extra-pass
+precision policy (``StepContext.extra_pass``); the user's parameters are never modified.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch import Tensor
 
-from gradwatch.config import Cadence, SharpnessConfig, WatchConfig
-from gradwatch.functional.hessian import HessianOperator, hutchinson_trace, lanczos_top_eigenvalues
+from gradwatch.config import Cadence, as_cadence, check_bool, check_float, check_int, fail
+from gradwatch.functional.sharpness import sharpness_estimate
 from gradwatch.functional.thresholds import adam_preconditioner, optimizer_threshold
-from gradwatch.metrics.base import Diagnostic, StepContext, Watched
+from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Results, StepContext
+from gradwatch.registry import BuildInputs, Family
 
 _FIELDS = ("lambda_max", "threshold", "ratio", "lambda_max_precond", "trace", "converged", "hvps")
 
 
-_FULL = (torch.float32, torch.float64)
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """Edge-of-stability sharpness (family ``sharpness``): the top Hessian eigenvalue of the training
+    loss on a fixed probe batch, against the optimizer's stability threshold.
+
+    Attributes:
+        every: cadence.
+        probe_size: examples in the probe batch (drawn once, seeded, from the training data).
+        max_iter: Lanczos iterations at most (Hessian-vector products per estimate).
+        tol: relative residual at which Lanczos stops (``||Hv - lambda v|| <= tol |lambda|``).
+        top_k: how many top eigenvalues to log (``sharpness/lambda_<i>`` beyond the first).
+        trace_samples: Hutchinson probes for ``sharpness/trace`` (0 turns the trace off).
+        warm_start: start Lanczos from the previous top eigenvector.
+        precondition: for Adam/AdamW, also log ``lambda_max_precond`` = lambda_1(P^-1/2 H P^-1/2).
+    """
+
+    every: int | Cadence = 500
+    probe_size: int = 256
+    max_iter: int = 50
+    tol: float = 1e-3
+    top_k: int = 1
+    trace_samples: int = 0
+    warm_start: bool = True
+    precondition: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "every", as_cadence("SharpnessConfig.every", self.every))
+        check_int("SharpnessConfig.probe_size", self.probe_size, minimum=1)
+        check_int("SharpnessConfig.max_iter", self.max_iter, minimum=1)
+        check_float("SharpnessConfig.tol", self.tol, low=0.0, high=0.5)
+        check_int("SharpnessConfig.top_k", self.top_k, minimum=1)
+        if self.top_k > self.max_iter:
+            raise fail("SharpnessConfig.top_k", self.top_k, f"an int <= max_iter ({self.max_iter})")
+        check_int("SharpnessConfig.trace_samples", self.trace_samples, minimum=0)
+        for name in ("warm_start", "precondition"):
+            check_bool(f"SharpnessConfig.{name}", getattr(self, name))
 
 
-def _to_float32(batch: Any) -> Any:
-    """``batch`` (probe batches are plain dicts, lists and tuples) with half-precision floats cast to float32."""
-    return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point()
-                    and t.dtype not in _FULL else t, batch)
 
-
-def _reparametrize() -> Any:
-    try:
-        from torch.nn.utils.stateless import _reparametrize_module
-    except ImportError:  # pragma: no cover - private API; every torch 2.x has it
-        return None
-    return _reparametrize_module
-
-
-@contextlib.contextmanager
-def _float32_view(model: nn.Module, params: Sequence[Tensor]) -> Iterator[list[Tensor] | None]:
-    """Float32 leaf copies of ``params`` (and of every other half-precision parameter and floating buffer)
-    swapped into ``model`` by name for the duration of the block; yields the copies of ``params`` in
-    order, or None where the model is already in full precision or the swap is not available. Tied
-    weights stay tied (every name of one tensor gets the same copy). Nothing of the model is modified."""
-    if all(p.dtype in _FULL for p in params):
-        yield None
-        return
-    reparametrize = _reparametrize()
-    if reparametrize is None:
-        yield None
-        return
-    copies: dict[int, Tensor] = {}
-    for p in params:
-        copies[id(p)] = p.detach().to(torch.float32).requires_grad_(True)
-    mapping: dict[str, Tensor] = {}
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, t in named:
-        if id(t) not in copies:
-            if not (t.is_floating_point() and t.dtype not in _FULL):
-                continue
-            copies[id(t)] = t.detach().to(torch.float32)
-        mapping[name] = copies[id(t)]
-    with reparametrize(model, mapping):
-        yield [copies[id(p)] for p in params]
 
 
 class Sharpness(Diagnostic):
     """Top Hessian eigenvalue(s) of the training loss against the optimizer's stability threshold.
 
-    ``update(values)`` takes a dict with any of ``lambda_max``, ``threshold``, ``ratio``,
-    ``lambda_max_precond``, ``trace``, ``converged``, ``hvps`` and ``lambda_<i>`` (i = 2..top_k);
-    ``compute()`` returns their means over the interval as ``sharpness/<name>``. ``ratio`` is
-    lambda over threshold, where lambda is the preconditioned eigenvalue for Adam/AdamW and the plain
-    one otherwise.
+    ``update(values)`` takes a float64 vector over :attr:`names` (NaN where a value does not apply);
+    ``compute()`` returns the interval means of the finite values as ``sharpness/<name>``. ``ratio`` is
+    lambda over threshold, where lambda is the preconditioned eigenvalue for Adam/AdamW and the plain one
+    otherwise. Carried state: the warm-start eigenvectors.
     """
 
-    family = "sharpness"
-    config_field = "sharpness"
+    stem = "sharpness"
     needs = frozenset({"probe", "optimizer"})
+    runs_on = "rank_zero"
 
     def __init__(self, config: SharpnessConfig, **kwargs: Any) -> None:
-        kwargs.setdefault("sync_on_compute", False)  # computed on rank zero from the unwrapped model
         super().__init__(**kwargs)
         self.config = config
         self.names = _FIELDS + tuple(f"lambda_{i}" for i in range(2, config.top_k + 1))
@@ -105,22 +96,19 @@ class Sharpness(Diagnostic):
         self.add_state("count", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
         self._warm: Tensor | None = None
         self._warm_precond: Tensor | None = None
-        self._said_unknown = False
-        self._said_native = False
+        self.unknown_optimizer: str | None = None  # the class name, once no threshold was known for it
 
-    @classmethod
-    def from_watch(cls, config: WatchConfig, watched: Sequence[Watched]) -> list[Diagnostic]:
-        return [] if config.sharpness is None else [cls(config.sharpness)]  # type: ignore[arg-type]
-
-    def cadence(self) -> Cadence:
+    def observe_cadence(self) -> Cadence:
         return self.config.every  # type: ignore[return-value]
 
-    def update(self, values: dict[str, float]) -> None:  # type: ignore[override]
-        for name, value in values.items():
-            i = self.names.index(name)
-            if math.isfinite(value):
-                self.total[i] += value
-                self.count[i] += 1
+    def probe_size(self) -> int:
+        return self.config.probe_size
+
+    def update(self, values: Tensor) -> None:  # type: ignore[override]
+        values = values.to(self.total.device, self.total.dtype)
+        finite = torch.isfinite(values)
+        self.total += torch.where(finite, values, torch.zeros_like(values))
+        self.count += finite.to(self.count.dtype)
 
     def compute(self) -> dict[str, Tensor]:
         """Means over the interval; ``lambda_max``, ``converged`` and ``hvps`` always (NaN after a failure),
@@ -130,76 +118,71 @@ class Sharpness(Diagnostic):
         return {f"sharpness/{n}": mean[i] for i, n in enumerate(self.names)
                 if n in ("lambda_max", "converged", "hvps") or present[i]}
 
-    def layout(self) -> dict[str, dict[str, list]]:
-        return {"sharpness": {
-            "lambda_max vs threshold": ["Multiline", ["^sharpness/lambda_max$", "^sharpness/lambda_max_precond$",
-                                                      "^sharpness/threshold$"]],
-            "lambda / threshold": ["Multiline", ["^sharpness/ratio$"]],
-        }}
+    def failed_result(self) -> Results:
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        return Results(scalars={f"sharpness/{n}": nan for n in ("lambda_max", "converged", "hvps")})
 
-    def _lanczos(self, matvec: Any, dim: int, warm: Tensor | None, device: torch.device) -> Any:
-        cfg = self.config
-        return lanczos_top_eigenvalues(matvec, dim, k=cfg.top_k, max_iter=cfg.max_iter, tol=cfg.tol,
-                                       init=warm if cfg.warm_start else None, device=device)
+    def charts(self) -> list[Chart]:
+        return [ChartGroup("sharpness", "lambda_max vs threshold",
+                           ("sharpness/lambda_max", "sharpness/lambda_max_precond", "sharpness/threshold")),
+                ChartGroup("sharpness", "lambda / threshold", ("sharpness/ratio",))]
+
+    def carried_state(self) -> dict[str, Any]:
+        return {"warm": self._warm, "warm_precond": self._warm_precond}
+
+    def load_carried_state(self, state: Mapping[str, Any]) -> None:
+        self._warm, self._warm_precond = state.get("warm"), state.get("warm_precond")
 
     def observe(self, ctx: StepContext) -> None:
         probe = ctx.probe()
         batches = probe.batches(drop_last=True)  # full training-size batches keep a summed loss's scale
-        params = [p for p in ctx.model.parameters() if p.requires_grad]
-        values: dict[str, float] = {}
         optimizer = ctx.optimizer
-        with ctx.extra_pass() as model, _float32_view(model, params) as full:
-            if full is None and any(p.dtype not in _FULL for p in params) and not self._said_native:
-                warnings.warn("gradwatch: cannot swap float32 copies into this half-precision model "
-                              "(torch.nn.utils.stateless._reparametrize_module is missing); sharpness is "
-                              "computed in the parameters' own dtype", RuntimeWarning, stacklevel=2)
-                self._said_native = True
-            if full is not None:
-                batches = [_to_float32(b) for b in batches]
+        info = optimizer_threshold(optimizer) if optimizer is not None else None
+        cfg = self.config
+        with ctx.extra_pass(grad=True) as extra:
+            trainable = [n for n, p in extra.model.named_parameters() if p.requires_grad]
+            originals = dict(extra.model.named_parameters())
+            params = [extra.params[n] for n in trainable]
+            batches = [extra.cast(b) for b in batches]
 
             def loss() -> Tensor:
-                total = sum(probe.training_loss(model, b) for b in batches)
-                return total / len(batches)
+                return sum(probe.training_loss(extra.model, b) for b in batches) / len(batches)
 
-            with HessianOperator(loss, full if full is not None else params) as op:
-                res = self._lanczos(op.matvec, op.dim, self._warm, op.device)
-                self._warm = res.eigenvectors[:, 0].detach()
-                values["lambda_max"] = float(res.eigenvalues[0])
-                for i in range(1, len(res.eigenvalues)):
-                    values[f"lambda_{i + 1}"] = float(res.eigenvalues[i])
-                converged = res.converged
-                hvps = res.num_matvecs
-                info = optimizer_threshold(optimizer) if optimizer is not None else None
-                lam_for_ratio = values["lambda_max"]
-                if info is not None and info.preconditioned and self.config.precondition:
-                    diag = adam_preconditioner(optimizer, params)
-                    if diag is not None:
-                        inv_sqrt = diag.to(op.device, torch.float64).rsqrt()
+            def precond() -> Tensor | None:
+                if info is None or not info.preconditioned or not cfg.precondition:
+                    return None
+                return adam_preconditioner(optimizer, [originals[n] for n in trainable])
 
-                        def precond_matvec(v: Tensor) -> Tensor:
-                            return inv_sqrt * op.matvec(inv_sqrt * v)
-
-                        pres = self._lanczos(precond_matvec, op.dim, self._warm_precond, op.device)
-                        self._warm_precond = pres.eigenvectors[:, 0].detach()
-                        values["lambda_max_precond"] = float(pres.eigenvalues[0])
-                        lam_for_ratio = values["lambda_max_precond"]
-                        converged = converged and pres.converged
-                        hvps += pres.num_matvecs
-                    else:
-                        lam_for_ratio = float("nan")  # no optimizer state before the first step
-                if self.config.trace_samples:
-                    tr = hutchinson_trace(op.matvec, op.dim, num_samples=self.config.trace_samples, device=op.device)
-                    values["trace"] = tr.estimate
-                    hvps += tr.num_matvecs
+            est = sharpness_estimate(loss, params, top_k=cfg.top_k, max_iter=cfg.max_iter, tol=cfg.tol,
+                                     warm=self._warm if cfg.warm_start else None, precond_diag=precond,
+                                     warm_precond=self._warm_precond if cfg.warm_start else None,
+                                     trace_samples=cfg.trace_samples)
+        self._warm, self._warm_precond = est.eigenvector, est.precond_eigenvector
+        values = dict.fromkeys(self.names, float("nan"))
+        values["lambda_max"] = est.eigenvalues[0]
+        values.update({f"lambda_{i + 1}": v for i, v in enumerate(est.eigenvalues[1:], start=1)})
+        if est.precond_eigenvalue is not None:
+            values["lambda_max_precond"] = est.precond_eigenvalue
+        if est.trace is not None:
+            values["trace"] = est.trace
         if info is None or info.kind == "unknown":
-            if not self._said_unknown:
-                warnings.warn(f"gradwatch: no stability threshold is known for "
-                              f"{type(optimizer).__name__}; logging sharpness/lambda_max alone",
-                              RuntimeWarning, stacklevel=2)
-                self._said_unknown = True
+            self.unknown_optimizer = "no optimizer" if optimizer is None else type(optimizer).__name__
+            ctx.say_once("sharpness/threshold", f"gradwatch: no stability threshold is known for "
+                         f"{self.unknown_optimizer}; logging sharpness/lambda_max alone")
         else:
             values["threshold"] = info.threshold
-            values["ratio"] = lam_for_ratio / info.threshold
-        values["converged"] = float(converged)
-        values["hvps"] = float(hvps)
-        self.update(values)
+            preconditioned_case = info.preconditioned and cfg.precondition
+            lam = values["lambda_max_precond"] if preconditioned_case else values["lambda_max"]
+            values["ratio"] = lam / info.threshold  # NaN for Adam before its first step (no state yet)
+        values["converged"] = float(est.converged)
+        values["hvps"] = float(est.hvps)
+        self.update(torch.tensor([values[n] for n in self.names], dtype=torch.float64))
+
+
+def _build(config: SharpnessConfig, inputs: BuildInputs) -> list[Diagnostic]:
+    return [Sharpness(config)]
+
+
+FAMILY = Family(key="sharpness", stem="sharpness", config_class=SharpnessConfig, default_on=False, build=_build,
+                summary="top Hessian eigenvalue of the training loss against the optimizer's stability threshold",
+                knobs=("probe_size", "max_iter", "tol", "top_k", "trace_samples"))

@@ -110,8 +110,8 @@ def test_lightning_user_logging_unchanged(lightning_runs: Any) -> None:
     assert a["train_loss"] == b["train_loss"]
 
 
-def test_lightning_probe_larger_than_dataset(tmp_path: Any) -> None:
-    with pytest.raises(ValueError, match=r"dataset size \(64\), got 100"):
+def test_lightning_probe_larger_than_dataset_uses_all_of_it_and_says_so(tmp_path: Any) -> None:
+    with pytest.warns(RuntimeWarning, match="asks for 100 examples but the training dataset has 64; using all 64"):
         lightning_run(tmp_path, True, steps=2, probe_size=100)
 
 
@@ -244,7 +244,7 @@ def test_hf_hessian_of_compute_loss_gpt2(gpt2_run: dict[str, Any]) -> None:
 def test_hf_probe_loss_is_training_loop_loss_llama(tmp_path: Any) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gradwatch.callbacks.transformers import hf_training_loss
+    from gradwatch.integrations.huggingface import HFTrainingLoss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -253,19 +253,20 @@ def test_hf_probe_loss_is_training_loop_loss_llama(tmp_path: Any) -> None:
     trainer = Trainer(model=model, args=hf_args(tmp_path, report_to="none"), train_dataset=TokenData())
     batch = {k: torch.stack([TokenData()[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
-        probed = float(hf_training_loss(trainer)(model, batch))
+        probed = float(HFTrainingLoss(trainer)(model, batch))
         trained = float(trainer.compute_loss(model, batch,
                                              num_items_in_batch=trainer._get_num_items_in_batch([batch], torch.device("cpu"))))
     assert probed == pytest.approx(trained, rel=1e-6)
 
 
-def test_hf_probe_larger_than_dataset(tmp_path: Any) -> None:
+def test_hf_probe_larger_than_dataset_uses_all_of_it_and_says_so(tmp_path: Any) -> None:
     torch.manual_seed(0)
     cb = HFGradWatch(spectra=False, sharpness=SharpnessConfig(every=1, probe_size=100), max_overhead=None)
     trainer = Trainer(model=HFNet(), args=hf_args(tmp_path, max_steps=2, report_to="none"), train_dataset=DictData(),
                       callbacks=[cb])
-    with pytest.raises(ValueError, match=r"dataset size \(64\), got 100"):
+    with pytest.warns(RuntimeWarning, match="asks for 100 examples but the training dataset has 64; using all 64"):
         trainer.train()
+    assert len(cb.watcher.probe()) == 64
 
 
 # ---- bad input ------------------------------------------------------------------------------------

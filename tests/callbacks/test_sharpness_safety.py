@@ -96,10 +96,10 @@ def test_bf16_model_measured_in_float32_and_untouched(input_dtype: torch.dtype) 
     data = bf16_data(dtype=input_dtype)
     w = Watcher(WatchConfig(spectra=False, sharpness=SharpnessConfig(every=1, probe_size=32, max_iter=200, tol=1e-6),
                             max_overhead=None, on_error="raise"))
-    w.attach(model, probe_factory=lambda size: ProbeSet.from_dataset(
+    w.attach(model, probe_source=lambda size: ProbeSet.from_dataset(
         data, size, device=torch.device("cpu"), training_loss_fn=ce_loss, batch_size=16))
     rng = torch.get_rng_state()
-    out = w.on_gradients_ready(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    out = w.run_step(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     lam = out["sharpness/lambda_max"]
     assert out["sharpness/converged"] == 1.0
 
@@ -284,9 +284,9 @@ def test_bf16_gpt2_tied_weights_match_float32_copy() -> None:
 
     w = Watcher(WatchConfig(spectra=False, sharpness=SharpnessConfig(every=1, probe_size=8, max_iter=200, tol=1e-6),
                             max_overhead=None, on_error="raise"))
-    w.attach(model, probe_factory=lambda size: ProbeSet.from_dataset(
+    w.attach(model, probe_source=lambda size: ProbeSet.from_dataset(
         data, size, device=torch.device("cpu"), training_loss_fn=lm_loss, batch_size=4))
-    lam = w.on_gradients_ready(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))["sharpness/lambda_max"]
+    lam = w.run_step(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))["sharpness/lambda_max"]
     after = model.state_dict()
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
@@ -304,18 +304,18 @@ def test_bf16_gpt2_tied_weights_match_float32_copy() -> None:
 
 
 def test_bf16_without_reparametrization_warns_once_and_measures_natively(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gradwatch.metrics.sharpness as sharpness
+    import gradwatch.engine.context as context
 
-    monkeypatch.setattr(sharpness, "_reparametrize", lambda: None)
+    monkeypatch.setattr(context, "_reparametrize", lambda: None)
     model = bf16_net()
     data = bf16_data()
     w = Watcher(WatchConfig(spectra=False, sharpness=SharpnessConfig(every=1, probe_size=32, max_iter=200, tol=1e-6),
                             max_overhead=None, on_error="raise"))
-    w.attach(model, probe_factory=lambda size: ProbeSet.from_dataset(
+    w.attach(model, probe_source=lambda size: ProbeSet.from_dataset(
         data, size, device=torch.device("cpu"), training_loss_fn=ce_loss, batch_size=16))
     with pytest.warns(RuntimeWarning, match="own dtype"):
-        first = w.on_gradients_ready(1)["sharpness/lambda_max"]
+        first = w.run_step(1)["sharpness/lambda_max"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = w.on_gradients_ready(2)["sharpness/lambda_max"]
+        second = w.run_step(2)["sharpness/lambda_max"]
     assert math.isfinite(first) and first > 0 and second == pytest.approx(first, rel=1e-2)

@@ -36,12 +36,16 @@ def test_import_gradwatch_imports_no_host_framework_and_glue_imports_first(tmp_p
     proc = run_python(tmp_path, """
         import sys
         import gradwatch
+        for name in ('transformers', 'lightning', 'pytorch_lightning', 'torchmetrics'):
+            assert name not in sys.modules, name + ' was imported'
         from gradwatch import SpectraConfig, WatchConfig
-        WatchConfig(spectra=SpectraConfig(every=3))
-        assert 'transformers' not in sys.modules, 'transformers was imported'
+        WatchConfig(spectra=SpectraConfig(every=3))  # loads the families' metrics: torchmetrics (which itself
+        # imports transformers when it is installed), never Lightning or transformers' Trainer machinery
         assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules, 'lightning was imported'
-        # the glue module imported first of all (it pulls transformers' integration table in itself)
-        from gradwatch.integrations.huggingface import GradWatchTensorBoardCallback, GradWatchTrainingArguments
+        assert 'transformers.trainer' not in sys.modules
+        # the adapter imported first of all (it pulls transformers' integration table in itself)
+        from gradwatch.callbacks.transformers import GradWatchTensorBoardCallback
+        from gradwatch.integrations.huggingface import GradWatchTrainingArguments
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
         assert INTEGRATION_TO_CALLBACK['gradwatch'] is GradWatchTensorBoardCallback
         GradWatchTrainingArguments(output_dir='out', report_to=['gradwatch'])
@@ -81,7 +85,7 @@ def test_report_to_gradwatch_after_import_gradwatch_then_transformers(tmp_path: 
         assert 'transformers' not in sys.modules
         from transformers import Trainer, TrainingArguments
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-        from gradwatch.integrations.huggingface import GradWatchTensorBoardCallback
+        from gradwatch.callbacks.transformers import GradWatchTensorBoardCallback
         assert INTEGRATION_TO_CALLBACK['gradwatch'] is GradWatchTensorBoardCallback
     """, TINY_BERT, """
         args = TrainingArguments(output_dir='out', use_cpu=True, save_strategy='no', report_to=['gradwatch'],
@@ -89,8 +93,9 @@ def test_report_to_gradwatch_after_import_gradwatch_then_transformers(tmp_path: 
         trainer = Trainer(model=model, args=args, train_dataset=DS())
         gw = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradWatchTensorBoardCallback)]
         assert len(gw) == 1 and gw[0].gradwatch.trainer is trainer
+        assert gw[0].gradwatch in trainer.callback_handler.callbacks  # the adapter itself, beside it
         trainer.train()
-        assert '_clip_grad_norm' not in vars(trainer)
+        assert '_clip_grad_norm' not in vars(trainer) and 'training_step' not in vars(trainer)
         print(json.dumps({'log_dir': gw[0].gradwatch.log_dir, 'hf_dir': gw[0].logging_dir}))
     """)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -162,10 +167,11 @@ def test_defaults_when_fields_absent() -> None:
     config = config_from_training_args(SimpleNamespace())  # plain TrainingArguments have no gradwatch_* fields
     assert config.spectra is not None and config.spectra.every.is_due(50) and not config.spectra.every.is_due(49)
     assert config.include == ("*",) and config.exclude == () and config.sharpness is None
-    config = config_from_training_args(SimpleNamespace(gradwatch_spectra_every=0, gradwatch_per_example_every=0,
+    config = config_from_training_args(SimpleNamespace(gradwatch_spectra_every=0,
                                                        gradwatch_exclude=" *pooler* , *classifier* "))
     assert config.spectra is None and config.exclude == ("*pooler*", "*classifier*")
-    config = config_from_training_args(SimpleNamespace(gradwatch_spectra_every=10, gradwatch_per_example_every=7,
+    config = config_from_training_args(SimpleNamespace(gradwatch_spectra_every=10, gradwatch_spectra_per_example=True,
+                                                       gradwatch_spectra_per_example_every=7,
                                                        gradwatch_sharpness_every=20, gradwatch_sharpness_probe_size=8))
     assert config.spectra.per_example and config.spectra.per_example_every.is_due(7)
     assert config.sharpness is not None and config.sharpness.probe_size == 8 and config.sharpness.every.is_due(20)
@@ -183,8 +189,10 @@ def test_bad_flag_raises_value_error_naming_choices(tmp_path: Any, flag: str, va
     from gradwatch.integrations.huggingface import GradWatchTrainingArguments, config_from_training_args
 
     parser = HfArgumentParser(GradWatchTrainingArguments)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the field's choices, naming them
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "gradwatch", flag, value])
+    with pytest.raises(ValueError) as info:  # the dataclass itself, built in code
+        GradWatchTrainingArguments(output_dir=str(tmp_path), **{flag.lstrip("-"): value})
     message = str(info.value)
     assert repr(value) in message and all(repr(c) in message for c in choices), message
     # the same message from the plain function, for objects that skip __post_init__

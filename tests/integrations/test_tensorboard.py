@@ -12,7 +12,9 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from gradwatch.engine.sinks import Emission  # noqa: E402
 from gradwatch.integrations.tensorboard import TensorBoardSink, heatmap_image  # noqa: E402
+from gradwatch.metrics.base import Alert, ChartGroup  # noqa: E402
 
 DARK = (68, 1, 84)  # low end of the ramp
 YELLOW = (253, 231, 37)  # high end
@@ -84,12 +86,21 @@ def test_sink_with_own_writer_writes_scalars_image_text(tmp_path: Any) -> None:
     sink = TensorBoardSink(log_dir=log_dir)
     assert sink.log_dir == log_dir
     pattern = "^grad_spectrum/nuclear_norm/a\\.0\\.w$"
-    sink.write_layout({"grad_spectrum/nuclear_norm": {"nuclear_norm | a.*.w": ["Multiline", [pattern]]}})
-    sink.log_scalars(1, {"grad_spectrum/nuclear_norm/a.0.w": 1.5, "gradwatch/overhead": 0.01})
-    sink.log_scalars(3, {"grad_spectrum/nuclear_norm/a.0.w": 2.25})
+    sink.open([ChartGroup("gradwatch", "overhead", ("gradwatch/overhead",)),
+               ChartGroup("grad_spectrum/nuclear_norm", "nuclear_norm | a.*.w", ("grad_spectrum/nuclear_norm/a.0.w",))])
+    sink.write(1, Emission(scalars={"grad_spectrum/nuclear_norm/a.0.w": 1.5, "gradwatch/overhead": 0.01}))
+    alert = Alert("toy/rule", "warning", "something grew", {"value": 3.5}, ["lower lr from 1e-2"], step=3)
+    sink.write(3, Emission(scalars={"grad_spectrum/nuclear_norm/a.0.w": 2.25}, texts={"gradwatch/note": "hello"},
+                           vectors={"toy/losses": np.array([1.0, 2.0, np.nan])}, alerts=[alert]))
     values = np.array([[1.0, 10.0], [100.0, np.nan]])
-    sink.log_heatmap("grad_spectrum/heatmap/nuclear_norm", 3, values, ["a.0.w", "a.1.w"], [1, 3], log_scale=True)
-    sink.log_text("gradwatch/note", "hello", 3)
+    import gradwatch.integrations.figures as figures
+    real = figures.heatmap_figure
+    figures.heatmap_figure = lambda *a, **k: None  # matplotlib absent: the plain image and its text
+    try:
+        sink.log_heatmap("grad_spectrum/heatmap/nuclear_norm", 3, values, ["a.0.w", "a.1.w"], [1, 3], log_scale=True)
+    finally:
+        figures.heatmap_figure = real
+    sink.log_heatmap("grad_spectrum/heatmap/stable_rank", 3, values, ["a.0.w", "a.1.w"], [1, 3], log_scale=False)
     sink.close()
 
     scalars = SummaryReader(log_dir).scalars
@@ -111,11 +122,16 @@ def test_sink_with_own_writer_writes_scalars_image_text(tmp_path: Any) -> None:
     heat_text = texts["grad_spectrum/heatmap/nuclear_norm/text_summary"][0].tensor_proto.string_val[0].decode()
     assert "a.1.w" in heat_text and "1..3" in heat_text and "log10" in heat_text
     assert texts["gradwatch/note/text_summary"][0].tensor_proto.string_val[0].decode() == "hello"
+    alert_text = texts["gradwatch/alerts/text_summary"][0].tensor_proto.string_val[0].decode()
+    assert "toy/rule" in alert_text and "| value | 3.5 |" in alert_text and "lower lr from 1e-2" in alert_text
+    assert ea.Histograms("toy/losses")[0].histogram_value.num == 2  # the NaN is left out
+    figure = ea.Images("grad_spectrum/heatmap/stable_rank")[0]  # matplotlib's labelled figure
+    assert figure.width > 200 and figure.height > 100
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     layout = layout_pb2.Layout()
     layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    assert [c.title for c in layout.category] == ["grad_spectrum/nuclear_norm"]
+    assert [c.title for c in layout.category] == ["grad_spectrum/nuclear_norm", "gradwatch"]  # diagnostics first
     chart = layout.category[0].chart[0]
     assert chart.title == "nuclear_norm | a.*.w" and list(chart.multiline.tag) == [pattern]
 
@@ -144,7 +160,7 @@ def test_sink_with_external_writer_never_closes_it(tmp_path: Any) -> None:
     fake = RecordingWriter()
     sink = TensorBoardSink(writer=fake)
     assert sink.log_dir == "/somewhere/run"
-    sink.log_scalars(2, {"a": 1.0})
+    sink.write(2, Emission(scalars={"a": 1.0}))
     sink.close()
     assert fake.scalars == [("a", 1.0, 2)]
     assert "close" not in fake.calls and "flush" in fake.calls
@@ -152,7 +168,7 @@ def test_sink_with_external_writer_never_closes_it(tmp_path: Any) -> None:
     writer = SummaryWriter(log_dir=str(tmp_path / "shared"))
     sink = TensorBoardSink(writer=writer)
     assert sink.log_dir == str(tmp_path / "shared")
-    sink.log_scalars(1, {"ours": 1.0})
+    sink.write(1, Emission(scalars={"ours": 1.0}))
     sink.close()
     assert writer.file_writer is not None  # still open: the host keeps writing to it
     writer.add_scalar("host", 2.0, 5)

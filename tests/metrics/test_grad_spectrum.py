@@ -11,7 +11,11 @@ import torch
 
 from gradwatch.config import Cadence, SpectraConfig, WatchConfig
 from gradwatch.engine.layers import WatchedMatrix
-from gradwatch.metrics import DIAGNOSTICS, GradSpectrum, PerExampleGradSpectrum
+from gradwatch.integrations.tensorboard import custom_scalar_layout
+from gradwatch.metrics import BUILTIN_FAMILIES, GradSpectrum, PerExampleGradSpectrum
+from gradwatch.metrics.base import Heatmap
+from gradwatch.metrics.grad_spectrum import FAMILY as SPECTRA
+from gradwatch.registry import BuildInputs
 from gradwatch.functional.spectra import STATISTICS
 
 # two layer families of two layers each, and one lone layer (no MAD for it)
@@ -240,7 +244,7 @@ def test_layout_matches_compute_tags() -> None:
     metric = make()
     metric.update(random_update(1))
     keys = set(metric.compute())
-    layout = metric.layout()
+    layout = custom_scalar_layout(metric.charts())
     # one chart per (stat, family), in a category per stat
     for stat in STATISTICS:
         charts = layout[f"grad_spectrum/{stat}"]
@@ -261,12 +265,14 @@ def test_layout_matches_compute_tags() -> None:
     # MAD charts name exactly the MAD tags
     mad_regexes = [r for _, rs in layout["grad_spectrum/mad"].values() for r in rs]
     assert {k for k in keys if any(re.search(r, k) for r in mad_regexes)} == {k for k in keys if "/mad/" in k}
-    assert "grad_spectrum/mad" not in make(mad=False).layout()
+    assert "grad_spectrum/mad" not in custom_scalar_layout(make(mad=False).charts())
 
 
 def test_heatmaps() -> None:
-    metric = make()
-    specs = metric.heatmaps()
+    metric = make(heatmap_every=Cadence.every(5))
+    specs = [c for c in metric.charts() if isinstance(c, Heatmap)]
+    assert all(s.every == Cadence.every(5) for s in specs)
+    assert not any(isinstance(c, Heatmap) for c in make().charts())  # heatmap_every=None: none
     assert [s.name for s in specs] == [f"grad_spectrum/heatmap/{s}" for s in STATISTICS]
     assert specs[0].rows == tuple(f"grad_spectrum/nuclear_norm/{t}" for t in TAGS)
     assert specs[0].labels == tuple(TAGS)
@@ -278,21 +284,26 @@ def test_tags_and_families_must_match() -> None:
         GradSpectrum(["a", "b"], ["a"], ["nuclear_norm"])
 
 
-def test_from_watch() -> None:
+def test_family_builds_the_diagnostics() -> None:
     watched = [WatchedMatrix(t, t, "linear") for t in TAGS]
-    assert GradSpectrum in DIAGNOSTICS
-    assert GradSpectrum.from_watch(WatchConfig(spectra=False), watched) == []
-    assert GradSpectrum.from_watch(WatchConfig(), []) == []
+    assert SPECTRA in BUILTIN_FAMILIES and SPECTRA.key == "spectra" and SPECTRA.stem == "grad_spectrum"
+    assert WatchConfig(spectra=False).spectra is None and "spectra" not in WatchConfig(spectra=False).families
+
+    def build(cfg: WatchConfig, matrices: list) -> list:
+        return list(SPECTRA.build(cfg.spectra, BuildInputs(cfg, matrices, None)))
+
+    assert build(WatchConfig(), []) == []
     cfg = WatchConfig(spectra=SpectraConfig(every=7, stats=["top1_ratio"], method="svdvals", mad=False))
-    (metric,) = GradSpectrum.from_watch(cfg, watched)
+    (metric,) = build(cfg, watched)
     assert metric.tags == tuple(TAGS) and metric.families == tuple(FAMILIES)
     assert metric.stats == ("top1_ratio",) and metric.method == "svdvals" and metric.mad is False
-    assert metric.cadence() == Cadence.every(7)
-    assert metric.heatmap_cadence() == Cadence.every(500)
-    both = GradSpectrum.from_watch(WatchConfig(spectra=SpectraConfig(per_example=True, per_example_size=3)), watched)
+    assert metric.observe_cadence() == Cadence.every(7) and metric.log_cadence() is None
+    assert {c.every for c in metric.charts() if isinstance(c, Heatmap)} == {Cadence.every(500)}
+    both = build(WatchConfig(spectra=SpectraConfig(per_example=True, per_example_size=3)), watched)
     assert [type(m) for m in both] == [GradSpectrum, PerExampleGradSpectrum]
     assert both[1].num_examples == 3 and both[1].prefix == "grad_spectrum/per_example"
-    assert both[1].heatmaps() == []
+    assert both[1].probe_size() == 3 and both[0].probe_size() == 0
+    assert not any(isinstance(c, Heatmap) for c in both[1].charts())
 
 
 def test_empty_update_counts() -> None:

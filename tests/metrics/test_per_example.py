@@ -17,10 +17,10 @@ def _per_example(model: nn.Module, dataset: list, use_vmap: bool) -> tuple[dict[
     watcher = Watcher(gradwatch.WatchConfig(
         spectra=gradwatch.SpectraConfig(every=1000, per_example=True, per_example_every=1, per_example_size=8),
         max_overhead=None, on_error="raise"))
-    watcher.attach(model, probe_factory=lambda n: ProbeSet.from_dataset(dataset, n, device=torch.device("cpu")))
+    watcher.attach(model, probe_source=lambda n: ProbeSet.from_dataset(dataset, n, device=torch.device("cpu")))
     metric = next(d for d in watcher.diagnostics if isinstance(d, PerExampleGradSpectrum))
     metric.use_vmap = use_vmap
-    out = watcher.on_gradients_ready(2)  # step 2: only the per-example mode is due
+    out = watcher.run_step(2)  # step 2: only the per-example mode is due
     return {k: v for k, v in out.items() if k.startswith("grad_spectrum/per_example/")}, metric.use_vmap
 
 

@@ -27,7 +27,7 @@ def watcher_for(model: nn.Module, dataset: TensorDataset, *, batch_size: int, tr
                 **sharp) -> Watcher:
     sharp = {"every": 1, "probe_size": len(dataset), "max_iter": 200, "tol": 1e-8, **sharp}
     w = Watcher(WatchConfig(spectra=False, sharpness=SharpnessConfig(**sharp), max_overhead=None, on_error="raise"))
-    w.attach(model, probe_factory=lambda size: ProbeSet.from_dataset(
+    w.attach(model, probe_source=lambda size: ProbeSet.from_dataset(
         dataset, size, device=torch.device("cpu"), training_loss_fn=training_loss, batch_size=batch_size))
     return w
 
@@ -69,7 +69,7 @@ def test_lambda_max_matches_dense_hessian_and_sgd_threshold() -> None:
     h = dense_hessian(model, lambda p: 0.5 * (functional_call(model, p, (x,)) - y).square().sum(1).mean())
     exact = top_eig(h)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = watcher_for(model, ds, batch_size=len(ds)).on_gradients_ready(1, optimizer=opt)
+    out = watcher_for(model, ds, batch_size=len(ds)).run_step(1, optimizer=opt)
     assert out["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-4)
     assert exact > 0.1  # a non-trivial value
     assert out["sharpness/threshold"] == pytest.approx(2 / 0.1)
@@ -87,7 +87,7 @@ def test_linear_least_squares_closed_form() -> None:
         return (m(batch[0]) - batch[1]).square().mean()
 
     exact = top_eig(2 * x.T @ x / len(x))
-    out = watcher_for(model, ds, batch_size=len(ds), training_loss=mse).on_gradients_ready(
+    out = watcher_for(model, ds, batch_size=len(ds), training_loss=mse).run_step(
         1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert out["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-6)
     assert out["sharpness/converged"] == 1.0
@@ -110,7 +110,7 @@ def test_summed_loss_keeps_training_batch_scale() -> None:
     per_example_mean = exact / 8
     for opt, threshold in ((torch.optim.SGD(model.parameters(), lr=0.05), 2 / 0.05),
                            (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), (2 + 2 * 0.9) / 0.05)):
-        out = watcher_for(model, ds, batch_size=8, training_loss=summed).on_gradients_ready(1, optimizer=opt)
+        out = watcher_for(model, ds, batch_size=8, training_loss=summed).run_step(1, optimizer=opt)
         assert out["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-4)
         assert abs(out["sharpness/lambda_max"] - per_example_mean) > 1.0 * per_example_mean
         assert out["sharpness/threshold"] == pytest.approx(threshold, rel=1e-12)
@@ -133,7 +133,7 @@ def test_adam_preconditioned_sharpness() -> None:
     assert torch.allclose(p, (1 - 0.9**3) * ((v / (1 - 0.999**3)).sqrt() + 1e-8))
     s = p.rsqrt()
     exact_pre = top_eig(s[:, None] * h * s[None, :])
-    out = watcher_for(model, ds, batch_size=len(ds)).on_gradients_ready(4, optimizer=opt)
+    out = watcher_for(model, ds, batch_size=len(ds)).run_step(4, optimizer=opt)
     assert out["sharpness/lambda_max"] == pytest.approx(top_eig(h), rel=1e-4)
     assert out["sharpness/lambda_max_precond"] == pytest.approx(exact_pre, rel=1e-4)
     assert exact_pre > 10 * top_eig(h)  # the preconditioner matters here
@@ -145,7 +145,7 @@ def test_adam_preconditioned_sharpness() -> None:
 def test_adam_before_first_step_has_no_ratio() -> None:
     model, ds = mlp(), data()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    out = watcher_for(model, ds, batch_size=len(ds)).on_gradients_ready(1, optimizer=opt)
+    out = watcher_for(model, ds, batch_size=len(ds)).run_step(1, optimizer=opt)
     assert "sharpness/lambda_max_precond" not in out
     assert math.isfinite(out["sharpness/lambda_max"])
     assert out["sharpness/threshold"] == pytest.approx(38 / 1e-3)
@@ -157,7 +157,7 @@ def test_unknown_optimizer_warns_once_without_threshold() -> None:
     w = watcher_for(model, ds, batch_size=len(ds))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outs = [w.on_gradients_ready(step, optimizer=opt) for step in (1, 2, 3)]
+        outs = [w.run_step(step, optimizer=opt) for step in (1, 2, 3)]
     said = [c for c in caught if "no stability threshold" in str(c.message)]
     assert len(said) == 1 and "RMSprop" in str(said[0].message)
     for out in outs:
@@ -170,20 +170,20 @@ def test_warm_start_uses_fewer_hvps() -> None:
     ds = data(n=64, seed=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     w = watcher_for(model, ds, batch_size=len(ds), tol=1e-4)
-    first = w.on_gradients_ready(1, optimizer=opt)
-    second = w.on_gradients_ready(2, optimizer=opt)  # same weights: warm start from the converged vector
+    first = w.run_step(1, optimizer=opt)
+    second = w.run_step(2, optimizer=opt)  # same weights: warm start from the converged vector
     assert first["sharpness/converged"] == second["sharpness/converged"] == 1.0
     assert second["sharpness/lambda_max"] == pytest.approx(first["sharpness/lambda_max"], rel=1e-6)
     assert second["sharpness/hvps"] < first["sharpness/hvps"]
     assert second["sharpness/hvps"] <= 3
     cold = watcher_for(model, ds, batch_size=len(ds), tol=1e-4, warm_start=False)
-    cold.on_gradients_ready(1, optimizer=opt)
-    assert cold.on_gradients_ready(2, optimizer=opt)["sharpness/hvps"] == first["sharpness/hvps"]
+    cold.run_step(1, optimizer=opt)
+    assert cold.run_step(2, optimizer=opt)["sharpness/hvps"] == first["sharpness/hvps"]
 
 
 def test_short_lanczos_reports_not_converged() -> None:
     model = mlp(seed=7, dims=(4, 16, 16, 3))
-    out = watcher_for(model, data(n=64, seed=8), batch_size=64, max_iter=2, tol=1e-8).on_gradients_ready(
+    out = watcher_for(model, data(n=64, seed=8), batch_size=64, max_iter=2, tol=1e-8).run_step(
         1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert out["sharpness/converged"] == 0.0
     assert out["sharpness/hvps"] == 2.0
@@ -194,7 +194,7 @@ def test_observe_only() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     model.train()
-    watcher_for(model, ds, batch_size=len(ds)).on_gradients_ready(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    watcher_for(model, ds, batch_size=len(ds)).run_step(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

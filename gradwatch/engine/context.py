@@ -1,0 +1,188 @@
+"""What the engine hands a diagnostic: :class:`EngineStepContext` (cached accessors, one per capability)
+and :func:`extra_pass` (the observe-only policy for passes that are not the user's)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from gradwatch.engine.layers import gradient_matrices, unwrap_optimizer
+from gradwatch.engine.ranks import Ranks
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradwatch.engine.layers import WatchedLayers
+    from gradwatch.engine.probe import ProbeSet
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _reparametrize() -> Any:
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module
+    except ImportError:  # pragma: no cover - private API; every torch 2.x has it
+        return None
+    return _reparametrize_module
+
+
+@dataclass
+class ExtraPass:
+    """Inside :func:`extra_pass`: the model to run, the tensors its forward reads for each parameter name
+    (float32 copies for a half-precision model, else the parameters themselves: differentiate with respect
+    to these), and :meth:`cast` for inputs."""
+
+    model: nn.Module
+    params: Mapping[str, Tensor]
+    float32: bool
+
+    def cast(self, batch: Any) -> Any:
+        """``batch`` with half-precision floating tensors cast to float32 when the pass runs in float32."""
+        if not self.float32:
+            return batch
+        return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point()
+                        and t.dtype not in _FULL_PRECISION else t, batch)
+
+
+@contextlib.contextmanager
+def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
+               on_native: Callable[[], None] | None = None) -> Iterator[ExtraPass]:
+    """Observe-only context for forward (and backward) passes that are not the user's.
+
+    Eval mode (no dropout, BatchNorm statistics untouched); the RNG state forked (CPU and the current CUDA
+    device) so the user's random stream is unchanged; the math SDPA kernel when ``grad`` (the only one with
+    a double backward); grad enabled or disabled as asked; every module's training flag restored after.
+    With ``grad`` and ``float32``, a model stored in bf16/fp16 gets float32 copies of its half-precision
+    parameters and floating buffers swapped in by name (torch's stateless reparametrization, tied weights
+    kept tied) for the duration of the block: the host's own loss code runs unchanged, on float32 numbers,
+    and nothing of the model is modified. ``on_native()`` is called when that swap is unavailable.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    kernel: Any = contextlib.nullcontext()
+    if grad:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            kernel = sdpa_kernel(SDPBackend.MATH)
+        except ImportError:  # pragma: no cover - torch < 2.3
+            pass
+    named = dict(model.named_parameters(remove_duplicate=False))
+    half = grad and float32 and any(p.dtype not in _FULL_PRECISION and p.is_floating_point() for p in named.values())
+    reparametrize = _reparametrize() if half else None
+    if half and reparametrize is None and on_native is not None:
+        on_native()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(kernel)
+        stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+        model.eval()
+        try:
+            if reparametrize is not None:
+                copies: dict[int, Tensor] = {}
+                mapping: dict[str, Tensor] = {}
+                for name, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]:
+                    if not (t.is_floating_point() and t.dtype not in _FULL_PRECISION):
+                        continue
+                    if id(t) not in copies:
+                        copy = t.detach().to(torch.float32)
+                        copies[id(t)] = copy.requires_grad_(True) if isinstance(t, nn.Parameter) and t.requires_grad else copy
+                    mapping[name] = copies[id(t)]
+                stack.enter_context(reparametrize(model, mapping))
+                params = {n: mapping.get(n, p) for n, p in named.items()}
+                yield ExtraPass(model, params, True)
+            else:
+                yield ExtraPass(model, named, False)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
+class EngineStepContext:
+    """The engine's :class:`gradwatch.metrics.base.StepContext`: one per event, accessors cached, so two
+    diagnostics due at the same step share one read of the gradients.
+
+    Attributes:
+        step: the optimizer step (1-based: the weights after it are those of step ``step``).
+        phase: ``"gradients_ready"`` or ``"step_end"``.
+        model: the unwrapped model (observe only).
+        watched: the watched matrices, in discovery order.
+        params: parameter name -> parameter, for the watched matrices.
+        rank, world_size: this process's place.
+    """
+
+    def __init__(self, *, step: int, phase: Literal["gradients_ready", "step_end"], model: nn.Module,
+                 layers: WatchedLayers, ranks: Ranks, optimizer: Any = None, grad_scale: float | None = None,
+                 probe: Callable[[], ProbeSet] | None = None, loss: Tensor | None = None,
+                 weights_before: Mapping[str, Tensor] | None = None,
+                 say_once: Callable[[str, str], None] | None = None) -> None:
+        self.step = step
+        self.phase = phase
+        self.model = model
+        self.watched: Sequence[Any] = layers.matrices
+        self.params: Mapping[str, nn.Parameter] = layers.params
+        self._layers = layers
+        self._ranks = ranks
+        self.rank = ranks.rank
+        self.world_size = ranks.world_size
+        self._optimizer = optimizer
+        self._grad_scale = grad_scale
+        self._probe = probe
+        self._loss = loss
+        self._weights_before = weights_before
+        self._say_once = say_once
+
+    @cached_property
+    def optimizer(self) -> Any:
+        """The torch optimizer behind host wrappers, or None."""
+        return unwrap_optimizer(self._optimizer) if self._optimizer is not None else None
+
+    @cached_property
+    def _gradients(self) -> tuple[list[Tensor], list[int]]:
+        scale = None if self._grad_scale in (None, 1.0) else self._grad_scale
+        return gradient_matrices(self._layers, scale)
+
+    def gradients(self) -> tuple[list[Tensor], list[int]]:
+        """(matrices, indices into ``watched``) of the true gradients: unscaled, pre-clip, DTensor shards
+        made whole (a collective: the engine calls this on every rank when a due diagnostic needs it)."""
+        return self._gradients
+
+    def probe(self) -> ProbeSet:
+        """The shared probe set (drawn on first use)."""
+        if self._probe is None:
+            raise ValueError("gradwatch: this diagnostic needs probe data, but the trainer gave no training "
+                             "dataset to draw it from")
+        return self._probe()
+
+    def extra_pass(self, *, grad: bool = True, float32: bool = True) -> Any:
+        """:func:`extra_pass` on the model; yields an :class:`ExtraPass`."""
+        return extra_pass(self.model, grad=grad, float32=float32, on_native=lambda: self.say_once(
+            "float32", "gradwatch: cannot swap float32 copies into this half-precision model "
+            "(torch.nn.utils.stateless._reparametrize_module is missing); extra passes run in its own dtype"))
+
+    def weights_before(self) -> dict[str, Tensor]:
+        """The watched parameters as they were before this step's optimizer update (``step_end`` only)."""
+        if self._weights_before is None:
+            raise RuntimeError("gradwatch: weights before the step are only given at step end to diagnostics "
+                               "that declare 'weights_before'")
+        return dict(self._weights_before)
+
+    @property
+    def loss(self) -> Tensor | None:
+        """The step's training loss (``step_end`` only; None when the host gave none)."""
+        return self._loss
+
+    def all_reduce(self, tensor: Tensor, op: Literal["sum", "max", "min"] = "sum") -> Tensor:
+        return self._ranks.all_reduce(tensor, op)
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        return self._ranks.all_gather(tensor)
+
+    def say_once(self, key: str, message: str) -> None:
+        """A RuntimeWarning, once per ``key`` over the run."""
+        if self._say_once is not None:
+            self._say_once(key, message)

@@ -1,0 +1,116 @@
+"""Forward-activation capture owned by the engine: armed on due steps only, removed after.
+
+For each :class:`gradwatch.metrics.base.ActivationSite` the engine registers a forward pre-hook and a
+forward hook (removable handles) and, while any site wants attention inputs, wraps
+``torch.nn.functional.scaled_dot_product_attention`` so that a call made inside a site's forward is
+reported to that site with the exact tensors the kernel receives (after rotary embeddings, qk-norms and
+grouped-query key sharing), then runs the real kernel unchanged. The wrapper is attributed to the
+innermost site whose forward is running.
+
+Once per micro-batch: a forward run again by gradient checkpointing happens inside the autograd engine's
+backward (``torch._C._current_graph_task_id() != -1``); such re-runs are not reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gradwatch.metrics.base import ActivationSite
+
+
+def _in_backward() -> bool:
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+class ActivationCapture:
+    """Arms the sites of the due diagnostics for one step and disarms them.
+
+    Attributes:
+        calls: forward reports per site name (for tests and the overhead story).
+    """
+
+    def __init__(self, on_error: Callable[[Any, Exception], None]) -> None:
+        self._on_error = on_error  # (owner, exception): a failing reduction never breaks the user's forward
+        self._owner: dict[int, Any] = {}
+        self._handles: list[Any] = []
+        self._stack: list[ActivationSite] = []
+        self._original_sdpa: Any = None
+        self.calls: dict[str, int] = {}
+        self.armed = False
+
+    def arm(self, sites: Sequence[tuple[Any, ActivationSite]]) -> None:
+        """Hook ``sites``, each given with its owner (what ``on_error`` is told when its reduction raises)."""
+        if self.armed:
+            self.disarm()
+        if not sites:
+            return
+        self.armed = True
+        self._owner = {id(site): owner for owner, site in sites}
+        for _, site in sites:
+            self._handles.append(site.module.register_forward_pre_hook(self._enter(site)))
+            self._handles.append(site.module.register_forward_hook(self._leave(site), with_kwargs=True,
+                                                                   always_call=True))
+        if any(s.on_attention is not None for _, s in sites):
+            self._wrap_sdpa()
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+        if self._original_sdpa is not None:
+            F.scaled_dot_product_attention = self._original_sdpa
+            self._original_sdpa = None
+        self.armed = False
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def _enter(self, site: ActivationSite) -> Any:
+        def pre_hook(module: Any, args: Any) -> None:
+            if not _in_backward():
+                self._stack.append(site)
+
+        return pre_hook
+
+    def _leave(self, site: ActivationSite) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if _in_backward():
+                return
+            if self._stack and self._stack[-1] is site:
+                self._stack.pop()
+            if output is None:  # always_call after an exception in the forward
+                return
+            self.calls[site.name] = self.calls.get(site.name, 0) + 1
+            if site.on_forward is not None:
+                self._call(site, site.on_forward, module, args, kwargs, output)
+
+        return hook
+
+    def _call(self, site: ActivationSite, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            with torch.no_grad():
+                fn(*args)
+        except Exception as exc:  # reported to the engine (warn once, or raise when strict)
+            self._on_error(self._owner.get(id(site)), exc)
+
+    def _wrap_sdpa(self) -> None:
+        original = F.scaled_dot_product_attention
+        self._original_sdpa = original
+        capture = self
+
+        def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
+                                         dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
+                                         **kwargs: Any) -> Any:
+            site = capture._stack[-1] if capture._stack else None
+            if site is not None and site.on_attention is not None and not _in_backward():
+                capture._call(site, site.on_attention, query.detach(), key.detach(), attn_mask, is_causal, scale,
+                              bool(kwargs.get("enable_gqa", False)))
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kwargs)
+
+        F.scaled_dot_product_attention = scaled_dot_product_attention

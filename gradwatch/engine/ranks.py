@@ -1,0 +1,74 @@
+"""Where this process stands among the training ranks, and the few collectives the engine runs.
+
+Every rank enters the engine, so every collective here is called on every rank in the same order; on a
+single process (or before ``torch.distributed`` is initialised) each is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+class Ranks:
+    """The process group view the engine uses (the default group)."""
+
+    def __init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        dist = torch.distributed
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+    def _device(self) -> torch.device:
+        dist = torch.distributed
+        backend = dist.get_backend() if self.distributed else "gloo"
+        if backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def all_reduce(self, tensor: Tensor, op: Literal["sum", "max", "min"] = "sum") -> Tensor:
+        """The reduction over ranks of ``tensor`` (a new tensor, on ``tensor``'s device)."""
+        if not self.distributed:
+            return tensor.clone()
+        dist = torch.distributed
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        work = tensor.detach().to(self._device(), copy=True)
+        dist.all_reduce(work, op=ops[op])
+        return work.to(tensor.device)
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (1-d, lengths may differ), in rank order."""
+        if not self.distributed:
+            return [tensor]
+        dist = torch.distributed
+        device = self._device()
+        flat = tensor.detach().reshape(-1).to(device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([flat.numel()], device=device))
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=flat.dtype, device=device)
+        padded[:flat.numel()] = flat
+        out = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return [o[:int(s.item())].to(tensor.device) for o, s in zip(out, sizes)]
+
+    def any(self, flags: Tensor) -> Tensor:
+        """Element-wise: whether the flag is set on any rank (decisions taken together)."""
+        return self.all_reduce(flags.to(torch.int32), "max").bool() if self.distributed else flags.bool()
+
+    def from_zero(self, value: bool) -> bool:
+        """Rank zero's ``value``, on every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([int(value)], device=self._device())
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
