@@ -152,9 +152,16 @@ def _set_path_head(directory: str) -> None:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from gradwatch.integrations.env_knobs import (KnobValueError, check_knob_values, env_var, knob_text,
-                                                  knob_values_from_env, option_flag, parse_knob_text,
-                                                  unknown_env_vars)
+    from gradwatch.integrations.env_knobs import (
+        KnobValueError,
+        check_knob_values,
+        env_var,
+        knob_text,
+        knob_values_from_env,
+        option_flag,
+        parse_knob_text,
+        unknown_env_vars,
+    )
 
     if ns.module is None and ns.script is None:
         return _error(f"{PROG} run: expected a training script (or -m MODULE); see `{PROG} run --help`")

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from gradwatch.functional.hessian import (HessianOperator, hutchinson_trace, lanczos_top_eigenvalues,
-                                          preconditioned)
+from gradwatch.functional.hessian import HessianOperator, hutchinson_trace, lanczos_top_eigenvalues, preconditioned
 
 
 @dataclass(frozen=True)

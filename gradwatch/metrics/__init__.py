@@ -1,8 +1,7 @@
 """One torchmetrics ``Metric`` per diagnostic, and the registration of the built-in families."""
 
 from gradwatch.metrics import grad_spectrum, sharpness
-from gradwatch.metrics.base import (ActivationSite, Alert, ChartGroup, Diagnostic, Heatmap, Results,
-                                    StepContext)
+from gradwatch.metrics.base import ActivationSite, Alert, ChartGroup, Diagnostic, Heatmap, Results, StepContext
 from gradwatch.metrics.grad_spectrum import GradSpectrum, PerExampleGradSpectrum, SpectraConfig
 from gradwatch.metrics.sharpness import Sharpness, SharpnessConfig
 from gradwatch.registry import register

@@ -59,7 +59,7 @@ from torchmetrics import Metric
 from gradwatch.config import Cadence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gradwatch.config import WatchConfig
+    pass
 
 Capability = Literal["gradients", "probe", "optimizer", "weights_before", "activations", "loss"]
 CAPABILITIES: tuple[str, ...] = ("gradients", "probe", "optimizer", "weights_before", "activations", "loss")

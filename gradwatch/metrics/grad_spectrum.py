@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gradwatch.config import Cadence, as_cadence, check_bool, check_choice, check_int, fail
 from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
-from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, Results, StepContext, Watched
+from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, Results, StepContext
 from gradwatch.registry import BuildInputs, Family
 
 SPECTRUM_STATS: tuple[str, ...] = STATISTICS
@@ -176,8 +176,8 @@ class GradSpectrum(Diagnostic):
         mean = self.total / self.count  # 0/0 -> NaN: no finite value in the interval
         out: dict[str, Tensor] = {}
         for s, stat in enumerate(self.stats):
-            for l, tag in enumerate(self.tags):
-                out[f"{self.prefix}/{stat}/{tag}"] = mean[s, l]
+            for layer, tag in enumerate(self.tags):
+                out[f"{self.prefix}/{stat}/{tag}"] = mean[s, layer]
             if self.mad:
                 for fam, rows in self._family_rows.items():
                     out[f"{self.prefix}/mad/{stat}/{fam}"] = cross_layer_mad(mean[s, rows])

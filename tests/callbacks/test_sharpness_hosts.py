@@ -22,11 +22,11 @@ from gradwatch import SharpnessConfig
 from gradwatch.callbacks.lightning import GradWatch as LightningGradWatch
 
 transformers = pytest.importorskip("transformers")
+from _lightning_helpers import TinyMLP  # noqa: E402
+from conftest import TokenData  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gradwatch.callbacks.transformers import GradWatch as HFGradWatch  # noqa: E402
-from _lightning_helpers import TinyMLP
-from conftest import TokenData
 
 TAGS = ("sharpness/lambda_max", "sharpness/threshold", "sharpness/ratio", "sharpness/converged", "sharpness/hvps")
 

@@ -20,6 +20,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 tbparse = pytest.importorskip("tbparse")
 
+from conftest import read_scalars  # noqa: E402
 from tbparse import SummaryReader  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 from transformers import (  # noqa: E402
@@ -36,7 +37,6 @@ from transformers import (  # noqa: E402
 
 from gradwatch import SPECTRUM_STATS, SpectraConfig  # noqa: E402
 from gradwatch.callbacks.transformers import GradWatch  # noqa: E402
-from conftest import read_scalars
 
 RTOL = 1e-5
 

@@ -334,8 +334,9 @@ class ToyActivations(Diagnostic):
 
 
 def _toy_watcher(model, sink, toy, **kwargs):
-    from gradwatch.registry import BuildInputs, Family, register, unregister
     from dataclasses import dataclass
+
+    from gradwatch.registry import Family, register, unregister
 
     @dataclass(frozen=True)
     class ToyConfig:
@@ -369,7 +370,7 @@ def test_activation_hooks_live_on_due_steps_only_and_fire_once_per_micro_batch()
         watcher.on_step_end(step, loss=torch.tensor(float(step)))
         opt.zero_grad()
     assert toy.calls == 2 * 3  # two due steps x three micro-batches; recomputation not counted
-    assert [s for s, _, _ in toy.observed] == [2, 4] and [l for _, l, _ in toy.observed] == [2.0, 4.0]
+    assert [s for s, _, _ in toy.observed] == [2, 4] and [loss for _, loss, _ in toy.observed] == [2.0, 4.0]
     assert all(moved > 0 for _, _, moved in toy.observed)  # weights before the step differ from after
 
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwatch.integrations.grad_scale import (hf_scaler, lightning_scaler, pending_loss_scale, torch_optimizer,
-                                               unscaled)
+from gradwatch.integrations.grad_scale import hf_scaler, lightning_scaler, pending_loss_scale, torch_optimizer, unscaled
 
 SCALE = 1024.0
 

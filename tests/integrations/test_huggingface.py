@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tbparse")
 
-from tbparse import SummaryReader  # noqa: E402
 from conftest import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,9 +127,9 @@ def test_training_arguments_fields_configure_report_to(tmp_path: Any) -> None:
 
 
 def _train_with_gradwatch_fields(tmp_path: Any) -> None:
-    import gradwatch  # noqa: F401  (registers the report_to name)
     from transformers import HfArgumentParser, Trainer
 
+    import gradwatch  # noqa: F401  (registers the report_to name)
     from gradwatch.integrations.huggingface import GradWatchTrainingArguments, config_from_training_args
 
     namespace: dict[str, Any] = {}

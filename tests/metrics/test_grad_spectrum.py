@@ -11,12 +11,12 @@ import torch
 
 from gradwatch.config import Cadence, SpectraConfig, WatchConfig
 from gradwatch.engine.layers import WatchedMatrix
+from gradwatch.functional.spectra import STATISTICS
 from gradwatch.integrations.tensorboard import custom_scalar_layout
 from gradwatch.metrics import BUILTIN_FAMILIES, GradSpectrum, PerExampleGradSpectrum
 from gradwatch.metrics.base import Heatmap
 from gradwatch.metrics.grad_spectrum import FAMILY as SPECTRA
 from gradwatch.registry import BuildInputs
-from gradwatch.functional.spectra import STATISTICS
 
 # two layer families of two layers each, and one lone layer (no MAD for it)
 TAGS = ["model.layers.0.q.weight", "model.layers.1.q.weight", "model.layers.0.up.weight",
