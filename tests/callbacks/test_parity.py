@@ -19,15 +19,14 @@ pytest.importorskip("lightning")
 pytest.importorskip("tbparse")
 
 import lightning as L  # noqa: E402
+from conftest import read_scalars
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from tbparse import SummaryReader  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from gradwatch import SPECTRUM_STATS, SpectraConfig  # noqa: E402
 from gradwatch.callbacks.lightning import GradWatch as LightningGradWatch  # noqa: E402
 from gradwatch.callbacks.transformers import GradWatch as HFGradWatch  # noqa: E402
-from conftest import read_scalars
 
 RTOL = 1e-5
 N, D, C = 32, 16, 3

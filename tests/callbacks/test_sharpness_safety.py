@@ -24,6 +24,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _lightning_helpers import TinyMLP  # noqa: E402
+from conftest import TokenData
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,9 +35,6 @@ from gradwatch.callbacks.lightning import GradWatch as LightningGradWatch
 from gradwatch.engine.probe import ProbeSet
 from gradwatch.engine.watcher import Watcher
 from gradwatch.functional.hessian import HessianOperator, lanczos_top_eigenvalues
-
-from _lightning_helpers import TinyMLP  # noqa: E402
-from conftest import TokenData
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sharpness_ddp_worker.py")
 
