@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from gradwatch.engine.fsdp import is_fsdp2, unsharded
 from gradwatch.engine.layers import gradient_matrices, unwrap_optimizer
 from gradwatch.engine.ranks import Ranks
 
@@ -34,8 +35,8 @@ def _reparametrize() -> Any:
 @dataclass
 class ExtraPass:
     """Inside :func:`extra_pass`: the model to run, the tensors its forward reads for each parameter name
-    (float32 copies for a half-precision model, else the parameters themselves: differentiate with respect
-    to these), and :meth:`cast` for inputs."""
+    (float32 copies for a half-precision model, else the parameters themselves, read inside the pass: under
+    FSDP2 the unsharded ones; differentiate with respect to these), and :meth:`cast` for inputs."""
 
     model: nn.Module
     params: Mapping[str, Tensor]
@@ -51,7 +52,7 @@ class ExtraPass:
 
 @contextlib.contextmanager
 def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
-               on_native: Callable[[], None] | None = None) -> Iterator[ExtraPass]:
+               on_native: Callable[[str], None] | None = None) -> Iterator[ExtraPass]:
     """Observe-only context for forward (and backward) passes that are not the user's.
 
     Eval mode (no dropout, BatchNorm statistics untouched); the RNG state forked (CPU and the current CUDA
@@ -60,7 +61,14 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
     With ``grad`` and ``float32``, a model stored in bf16/fp16 gets float32 copies of its half-precision
     parameters and floating buffers swapped in by name (torch's stateless reparametrization, tied weights
     kept tied) for the duration of the block: the host's own loss code runs unchanged, on float32 numbers,
-    and nothing of the model is modified. ``on_native()`` is called when that swap is unavailable.
+    and nothing of the model is modified. ``on_native(reason)`` is called when that swap is unavailable.
+
+    FSDP2 (``fully_shard``) modules are unsharded for the block (:func:`gradwatch.engine.fsdp.unsharded`):
+    entering is a collective, so every rank must enter (diagnostics declare ``runs_on = "all_ranks"``), and
+    the pass itself is then local. ``ExtraPass.params`` are the unsharded parameters, read after unsharding.
+    The float32 swap is not possible there (FSDP2's pre-forward puts its own unsharded parameters in place
+    of swapped tensors), so a half-precision FSDP2 model runs the pass in its own dtype and ``on_native`` is
+    called.
     """
     modes = [(m, m.training) for m in model.modules()]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -71,17 +79,21 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
             kernel = sdpa_kernel(SDPBackend.MATH)
         except ImportError:  # pragma: no cover - torch < 2.3
             pass
-    named = dict(model.named_parameters(remove_duplicate=False))
-    half = grad and float32 and any(p.dtype not in _FULL_PRECISION and p.is_floating_point() for p in named.values())
-    reparametrize = _reparametrize() if half else None
-    if half and reparametrize is None and on_native is not None:
-        on_native()
+    sharded = is_fsdp2(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=devices))
         stack.enter_context(kernel)
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         model.eval()
         try:
+            stack.enter_context(unsharded(model))  # FSDP2: an all-gather per module, on every rank
+            named = dict(model.named_parameters(remove_duplicate=False))  # after unsharding: the plain ones
+            half = grad and float32 and any(p.dtype not in _FULL_PRECISION and p.is_floating_point()
+                                            for p in named.values())
+            reparametrize = _reparametrize() if half and not sharded else None
+            if half and reparametrize is None and on_native is not None:
+                on_native("FSDP2-sharded modules put their own unsharded parameters in place of swapped tensors"
+                          if sharded else "torch.nn.utils.stateless._reparametrize_module is missing")
             if reparametrize is not None:
                 copies: dict[int, Tensor] = {}
                 mapping: dict[str, Tensor] = {}
@@ -160,9 +172,9 @@ class EngineStepContext:
 
     def extra_pass(self, *, grad: bool = True, float32: bool = True) -> Any:
         """:func:`extra_pass` on the model; yields an :class:`ExtraPass`."""
-        return extra_pass(self.model, grad=grad, float32=float32, on_native=lambda: self.say_once(
-            "float32", "gradwatch: cannot swap float32 copies into this half-precision model "
-            "(torch.nn.utils.stateless._reparametrize_module is missing); extra passes run in its own dtype"))
+        return extra_pass(self.model, grad=grad, float32=float32, on_native=lambda why: self.say_once(
+            "float32", f"gradwatch: cannot swap float32 copies into this half-precision model ({why}); "
+            "extra passes run in its own dtype"))
 
     def weights_before(self) -> dict[str, Tensor]:
         """The watched parameters as they were before this step's optimizer update (``step_end`` only)."""

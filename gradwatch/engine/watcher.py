@@ -73,6 +73,7 @@ class Watcher:
         self._pending: set[int] = set()  # due observations not yet run (postponed by the budget)
         self._failed: set[int] = set()  # diagnostics with a failed observation in the current interval
         self._observed: set[int] = set()  # diagnostics observed (or tried) in the current interval, every rank
+        self._failed_elsewhere: set[int] = set()  # failed on another rank this interval: logged as failed here too
         self._alert_last: dict[str, int] = {}
         self._restored: Mapping[str, Any] | None = None
         self._engine_seconds = 0.0
@@ -274,7 +275,9 @@ class Watcher:
                 self._warmed.add(i)
                 self._warmup_seconds += self.clock() - t0
         if self.ranks.distributed:  # a failure on one rank is a failure on all: nobody waits for it later
+            mine = failed.clone()
             failed = self.ranks.any(failed)
+            self._failed_elsewhere.update(i for k, i in enumerate(now) if failed[k] and not mine[k])
         self._failed.update(i for k, i in enumerate(now) if failed[k])
 
     def _sites(self, i: int) -> Sequence[Any]:
@@ -302,14 +305,17 @@ class Watcher:
             if not self._runs_here(i):
                 d.reset()
                 self._failed.discard(i)
+                self._failed_elsewhere.discard(i)
                 continue
             try:
-                res = Results.of(d.compute()) if d._update_count > 0 else d.failed_result()
+                ok = d._update_count > 0 and i not in self._failed_elsewhere
+                res = Results.of(d.compute()) if ok else d.failed_result()
             except Exception as exc:
                 self._fail(i, exc, what="compute")
                 res = d.failed_result()
             d.reset()
             self._failed.discard(i)
+            self._failed_elsewhere.discard(i)
             results.append(res)
         if not due:
             return {}

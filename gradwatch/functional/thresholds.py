@@ -125,6 +125,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
         optimizer: A ``torch.optim.Adam`` or ``torch.optim.AdamW``.
         params: The parameters, in the flat-vector order of the Hessian operator.
 
+    Under FSDP2 the state is a DTensor shard; it is gathered (a collective: call this on every rank).
+
     Returns:
         The flat vector (dtype of the optimizer state), or None if the optimizer is not Adam/AdamW
         or any parameter has no state yet (before the first step, or not managed by the optimizer).
@@ -140,6 +142,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
         beta1, beta2 = (float(b) for b in group["betas"])
         step = float(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        if hasattr(v, "full_tensor"):  # FSDP2 keeps each rank's shard of the state: gathered on every rank
+            v = v.full_tensor()
         denom = (v / (1.0 - beta2**step)).sqrt() + float(group["eps"])
         pieces.append(((1.0 - beta1**step) * denom).reshape(-1))
     return torch.cat(pieces) if pieces else None

@@ -228,6 +228,7 @@ class PerExampleGradSpectrum(GradSpectrum):
     """
 
     needs = frozenset({"probe"})
+    runs_on = "all_ranks"  # its extra pass unshards FSDP2 modules, a collective; the same examples on every rank
     prefix = "grad_spectrum/per_example"
 
     def __init__(self, *args: Any, num_examples: int = 16, max_bytes: int = 512 * 2**20, **kwargs: Any) -> None:

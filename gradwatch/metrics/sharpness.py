@@ -86,7 +86,7 @@ class Sharpness(Diagnostic):
 
     stem = "sharpness"
     needs = frozenset({"probe", "optimizer"})
-    runs_on = "rank_zero"
+    runs_on = "all_ranks"  # a forward through FSDP2-sharded modules needs every rank; same probe, same estimate
 
     def __init__(self, config: SharpnessConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -96,6 +96,7 @@ class Sharpness(Diagnostic):
         self.add_state("count", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
         self._warm: Tensor | None = None
         self._warm_precond: Tensor | None = None
+        self._emitted: tuple[str, ...] = ()
         self.unknown_optimizer: str | None = None  # the class name, once no threshold was known for it
 
     def observe_cadence(self) -> Cadence:
@@ -115,12 +116,16 @@ class Sharpness(Diagnostic):
         the others only where they apply (a threshold is known, Adam state exists, the trace is on)."""
         mean = self.total / self.count
         present = self.count > 0
-        return {f"sharpness/{n}": mean[i] for i, n in enumerate(self.names)
-                if n in ("lambda_max", "converged", "hvps") or present[i]}
+        out = {f"sharpness/{n}": mean[i] for i, n in enumerate(self.names)
+               if n in ("lambda_max", "converged", "hvps") or present[i]}
+        self._emitted = tuple(out)
+        return out
 
     def failed_result(self) -> Results:
+        """NaN for every tag the last interval logged, so a failed point shows as a gap in each series."""
         nan = torch.tensor(float("nan"), dtype=torch.float64)
-        return Results(scalars={f"sharpness/{n}": nan for n in ("lambda_max", "converged", "hvps")})
+        tags = self._emitted or tuple(f"sharpness/{n}" for n in ("lambda_max", "converged", "hvps"))
+        return Results(scalars=dict.fromkeys(tags, nan))
 
     def charts(self) -> list[Chart]:
         return [ChartGroup("sharpness", "lambda_max vs threshold",
@@ -139,9 +144,10 @@ class Sharpness(Diagnostic):
         optimizer = ctx.optimizer
         info = optimizer_threshold(optimizer) if optimizer is not None else None
         cfg = self.config
+        # the optimizer's state is keyed by the parameters as they are outside the pass (sharded under FSDP2)
+        originals = dict(ctx.model.named_parameters())
+        trainable = [n for n, p in originals.items() if p.requires_grad]
         with ctx.extra_pass(grad=True) as extra:
-            trainable = [n for n, p in extra.model.named_parameters() if p.requires_grad]
-            originals = dict(extra.model.named_parameters())
             params = [extra.params[n] for n in trainable]
             batches = [extra.cast(b) for b in batches]
 
