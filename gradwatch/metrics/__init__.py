@@ -1,13 +1,20 @@
-"""One torchmetrics ``Metric`` per diagnostic, and the registration of the built-in families."""
+"""One torchmetrics ``Metric`` per diagnostic, and the registration of the built-in families.
 
-from gradwatch.metrics import grad_spectrum, sharpness
+Adding a built-in family is one word below: its module's stem. Each module declares its ``FAMILY``.
+"""
+
+import importlib
+
 from gradwatch.metrics.base import ActivationSite, Alert, ChartGroup, Diagnostic, Heatmap, Results, StepContext
-from gradwatch.metrics.grad_spectrum import GradSpectrum, PerExampleGradSpectrum, SpectraConfig
-from gradwatch.metrics.sharpness import Sharpness, SharpnessConfig
 from gradwatch.registry import register
 
-#: The built-in families, one line each.
-BUILTIN_FAMILIES = tuple(register(m.FAMILY) for m in (grad_spectrum, sharpness))
+BUILTIN_STEMS = ("grad_spectrum", "sharpness", "stability")
+
+#: The built-in families, in registration order.
+BUILTIN_FAMILIES = tuple(register(importlib.import_module(f"gradwatch.metrics.{stem}").FAMILY) for stem in BUILTIN_STEMS)
+
+from gradwatch.metrics.grad_spectrum import GradSpectrum, PerExampleGradSpectrum, SpectraConfig  # noqa: E402
+from gradwatch.metrics.sharpness import Sharpness, SharpnessConfig  # noqa: E402
 
 __all__ = ["BUILTIN_FAMILIES", "ActivationSite", "Alert", "ChartGroup", "Diagnostic", "GradSpectrum", "Heatmap",
            "PerExampleGradSpectrum", "Results", "Sharpness", "SharpnessConfig", "SpectraConfig", "StepContext"]
