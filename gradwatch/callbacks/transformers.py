@@ -71,7 +71,7 @@ class GradWatch(TrainerCallback):
             self._clip.install(trainer)
             self._loss.install(trainer)
         model = model if model is not None else getattr(trainer, "model", None)
-        saved = glue.load_state(glue.resume_folder(trainer, args))
+        saved = glue.load_state(glue.resume_folder(trainer, args, state))
         if saved is not None:
             self.watcher.load_state_dict(saved)
         self.watcher.attach(model, sinks=sinks,

@@ -64,7 +64,7 @@ class ActivationCapture:
         self._handles.clear()
         self._stack.clear()
         if self._original_sdpa is not None:
-            F.scaled_dot_product_attention = self._original_sdpa
+            _SDPA.detach(self)
             self._original_sdpa = None
         self.armed = False
 
@@ -99,18 +99,51 @@ class ActivationCapture:
             self._on_error(self._owner.get(id(site)), exc)
 
     def _wrap_sdpa(self) -> None:
-        original = F.scaled_dot_product_attention
-        self._original_sdpa = original
-        capture = self
+        _SDPA.attach(self)
+        self._original_sdpa = _SDPA  # marks that disarm must detach
 
-        def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
-                                         dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
-                                         **kwargs: Any) -> Any:
-            site = capture._stack[-1] if capture._stack else None
-            if site is not None and site.on_attention is not None and not _in_backward():
-                capture._call(site, site.on_attention, query.detach(), key.detach(), attn_mask, is_causal, scale,
-                              bool(kwargs.get("enable_gqa", False)))
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, **kwargs)
+    def _report_attention(self, query: Any, key: Any, attn_mask: Any, is_causal: bool, scale: Any,
+                          enable_gqa: bool) -> None:
+        site = self._stack[-1] if self._stack else None
+        if site is not None and site.on_attention is not None and not _in_backward():
+            self._call(site, site.on_attention, query.detach(), key.detach(), attn_mask, is_causal, scale, enable_gqa)
 
-        F.scaled_dot_product_attention = scaled_dot_product_attention
+
+class _SharedSDPAWrapper:
+    """One wrapper of ``F.scaled_dot_product_attention`` for every armed capture (two watchers in one process
+    arm and disarm in any order): installed when the first capture attaches, removed when the last detaches,
+    and only if nobody wrapped the function over it meanwhile (then it stays as a pass-through)."""
+
+    def __init__(self) -> None:
+        self.captures: list[ActivationCapture] = []
+        self.original: Any = None
+        self.wrapper: Any = None
+
+    def attach(self, capture: ActivationCapture) -> None:
+        if not self.captures:
+            self.original = original = F.scaled_dot_product_attention
+            shared = self
+
+            def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None,
+                                             dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
+                                             **kwargs: Any) -> Any:
+                for c in list(shared.captures):
+                    c._report_attention(query, key, attn_mask, is_causal, scale, bool(kwargs.get("enable_gqa", False)))
+                return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, **kwargs)
+
+            self.wrapper = scaled_dot_product_attention
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+        if capture not in self.captures:
+            self.captures.append(capture)
+
+    def detach(self, capture: ActivationCapture) -> None:
+        if capture in self.captures:
+            self.captures.remove(capture)
+        if not self.captures and self.wrapper is not None:
+            if F.scaled_dot_product_attention is self.wrapper:
+                F.scaled_dot_product_attention = self.original
+            self.wrapper = self.original = None
+
+
+_SDPA = _SharedSDPAWrapper()

@@ -115,11 +115,14 @@ class ProbeSet:
         training_loss_fn: the loss the optimizer minimizes on a batch, as the host computes it
             (Lightning's ``training_step``, HF's ``compute_loss``); None: mean of the per-example loss.
         batch_size: largest probe batch.
+        decode: ``decode(example) -> str``, how a person reads one example (a tokenizer's decode of its
+            ``input_ids``), for tables of examples; None where the host has none.
     """
 
     def __init__(self, examples: Sequence[Any], indices: Sequence[int], collate_fn: Callable[[list], Any] | None,
                  device: torch.device, loss_fn: LossFn | None = None, training_loss_fn: LossFn | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, decode: Callable[[Any], str] | None = None) -> None:
+        self.decode = decode
         self.examples = list(examples)
         self.indices = list(indices)
         self.collate_fn = collate_fn or default_collate
@@ -224,6 +227,7 @@ class ProbeSource:
     seed: int = 0
     loss_fn: LossFn | None = None
     training_loss_fn: LossFn | None = None
+    decode: Callable[[Any], str] | None = None
 
     def __call__(self, size: int) -> ProbeSet:
         if self.dataset is None:
@@ -232,4 +236,4 @@ class ProbeSource:
         return ProbeSet.from_dataset(self.dataset, size, seed=self.seed, collate_fn=self.collate_fn,
                                      device=self.device, loss_fn=self.loss_fn,
                                      training_loss_fn=self.training_loss_fn,
-                                     batch_size=self.batch_size or DEFAULT_PROBE_BATCH_SIZE)
+                                     batch_size=self.batch_size or DEFAULT_PROBE_BATCH_SIZE, decode=self.decode)

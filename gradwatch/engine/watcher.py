@@ -68,14 +68,19 @@ class Watcher:
         self.ranks = Ranks()
         self.capture = ActivationCapture(on_error=self._hook_failed)
         self._probe_source: Callable[[int], ProbeSet] | None = None
-        self._probe: ProbeSet | None = None
         self._warned: set[str] = set()
+        self._restored: Mapping[str, Any] | None = None
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """The bookkeeping of one run (one attach), fresh: a Watcher reused for a second fit or ``train()``
+        starts a new run, with its diagnostics built anew and the probe drawn from the new data."""
+        self._probe: ProbeSet | None = None
         self._pending: set[int] = set()  # due observations not yet run (postponed by the budget)
         self._failed: set[int] = set()  # diagnostics with a failed observation in the current interval
         self._observed: set[int] = set()  # diagnostics observed (or tried) in the current interval, every rank
         self._failed_elsewhere: set[int] = set()  # failed on another rank this interval: logged as failed here too
         self._alert_last: dict[str, int] = {}
-        self._restored: Mapping[str, Any] | None = None
         self._engine_seconds = 0.0
         self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
         self._wall_start: float | None = None
@@ -103,6 +108,8 @@ class Watcher:
         """Find the layers, build the diagnostics, draw the probe set, open the sinks. Raises on bad
         include/exclude patterns and on a probe that cannot be drawn."""
         t0 = self.clock()
+        self.capture.disarm()
+        self._new_run()
         self._wall_start = t0  # attach's own time counts in both numerator and denominator
         self.ranks.refresh()
         self.model = unwrap_model(model)
@@ -135,6 +142,7 @@ class Watcher:
 
     def close(self) -> None:
         """Remove every hook; flush and close the sinks."""
+        self._restored = None
         self.capture.disarm()
         for sink in self.sinks:
             sink.flush()
@@ -142,6 +150,7 @@ class Watcher:
 
     def on_exception(self, exc: BaseException | None = None) -> None:
         """Training raised: remove every hook and flush what was written; the step in flight is dropped."""
+        self._restored = None
         self.capture.disarm()
         self._step = None
         self._running = []
@@ -483,11 +492,13 @@ class Watcher:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (before or after :meth:`attach`)."""
+        """Restore :meth:`state_dict`: into the diagnostics there are (a loop restoring after :meth:`attach`)
+        and into those the next :meth:`attach` builds. Hosts restore before train start, and a Watcher reused
+        for a second fit or ``train()`` (after an interrupted one, say) still holds the previous run's
+        diagnostics, which attach replaces; so the state is kept until an attach takes it, or the run ends."""
         if self.diagnostics:
             self._load(state)
-        else:
-            self._restored = state  # attach() has not run yet: applied once the diagnostics exist
+        self._restored = state
 
     def _key(self, i: int) -> str:
         d = self.diagnostics[i]

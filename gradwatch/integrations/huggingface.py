@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from gradwatch.config import WatchConfig
 from gradwatch.engine.probe import ProbeSource
 from gradwatch.engine.sinks import Sink
-from gradwatch.integrations.env_knobs import knob_values_from_env
+from gradwatch.integrations.env_knobs import check_knob_values, knob_values_from_env
 from gradwatch.integrations.grad_scale import hf_scaler, pending_loss_scale
 from gradwatch.integrations.sinks import build_sinks
 from gradwatch.knobs import config_from_knobs, knobs
@@ -88,19 +89,23 @@ def config_from_training_args(args: Any, *, environ: Mapping[str, str] | None = 
 
     Precedence, highest first: a field whose value differs from its default (set by the script or its
     command line); the environment variable (which ``gradwatch run --<knob>`` sets); the default.
+
+    Raises:
+        ValueError: naming the field (``gradwatch_spectra_every=-3``) or the variable the bad value came from,
+            the value and what is valid. Each value is checked alone, a family's option with its family switched
+            on, so a bad option of a family that is off fails too (as it does from the environment).
     """
-    env_values, _ = knob_values_from_env(environ)
+    env_values, env_sources = knob_values_from_env(environ)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for k in knobs():
         given = getattr(args, FIELD_PREFIX + k.name, k.default)
         if given != k.default:
-            values[k.name] = given
+            values[k.name], sources[k.name] = given, FIELD_PREFIX + k.name
         elif k.name in env_values:
-            values[k.name] = env_values[k.name]
-    try:
-        return config_from_knobs(values, base)
-    except ValueError as exc:
-        raise ValueError(f"{exc} [TrainingArguments fields {FIELD_PREFIX}*]") from exc
+            values[k.name], sources[k.name] = env_values[k.name], env_sources[k.name]
+    check_knob_values(values, sources)
+    return config_from_knobs(values, base)
 
 
 # ---- the Trainer, its loss, its clip norm, its step loss ---------------------------------------------
@@ -247,11 +252,28 @@ def true_gradient_factor(trainer: Any, optimizer: Any, clip_factor: float | None
     return factor, scaler is not None
 
 
+def token_decoder(trainer: Any) -> Any | None:
+    """``decode(example) -> str`` through the Trainer's tokenizer (``processing_class``, or its ``tokenizer``),
+    for examples with ``input_ids``; None when the Trainer has no tokenizer."""
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    if not callable(getattr(tokenizer, "decode", None)):
+        return None
+
+    def decode(example: Any) -> str:
+        ids = example["input_ids"] if isinstance(example, Mapping) else example
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return decode
+
+
 def probe_source(trainer: Any, args: Any, model: nn.Module | None, loader: Any, config: WatchConfig) -> ProbeSource:
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     return ProbeSource(getattr(loader, "dataset", None), getattr(loader, "collate_fn", None), device,
                        args.per_device_train_batch_size, config.probe_seed, config.loss_fn,
-                       HFTrainingLoss(trainer) if trainer is not None else None)
+                       HFTrainingLoss(trainer) if trainer is not None else None,
+                       token_decoder(trainer) if trainer is not None else None)
 
 
 def host_writer(trainer: Any, exclude: Any = None) -> Any | None:
@@ -283,19 +305,35 @@ def sinks_for(args: Any, state: Any, config: WatchConfig, writer: Any) -> tuple[
 STATE_FILE = "gradwatch_state.pt"
 
 
-def resume_folder(trainer: Any, args: Any) -> str | None:
-    """The checkpoint folder this run resumes from: ``train(resume_from_checkpoint=...)`` (which HF keeps as
-    ``trainer._resume_from_checkpoint`` in no public place, so it is read from the ``train`` call's
-    arguments on the stack) or ``TrainingArguments(resume_from_checkpoint=...)``; ``True`` means the last
-    ``checkpoint-N`` in ``output_dir``."""
+def resume_folder(trainer: Any, args: Any, state: Any = None) -> str | None:
+    """The checkpoint folder this run resumes from, or None when the Trainer starts afresh.
+
+    ``Trainer.train`` resumes only from its ``resume_from_checkpoint`` argument (a path, or ``True``: the last
+    ``checkpoint-N`` in ``output_dir``), which it keeps in no public place, so it is read from the ``train``
+    call on the stack. ``TrainingArguments(resume_from_checkpoint=...)`` is not read by the Trainer
+    (transformers 4.x and 5.x: HF's example scripts pass it on to ``train()``); it is used only when the Trainer
+    did resume from it (a subclass that reads it). gradwatch follows the Trainer: with ``state`` (the
+    ``TrainerState`` at train begin) at step 0 nothing was resumed, so nothing is restored (restoring would
+    carry a finished run's counters, warm starts and open intervals into a new run at step 1), and a path given
+    only in the arguments is reported once.
+    """
     resume = _train_call_argument()
-    if resume is None or resume is False:
+    from_call = resume is not None and resume is not False
+    if not from_call:
         resume = getattr(args, "resume_from_checkpoint", None)
     if resume is True:
         from transformers.trainer_utils import get_last_checkpoint
 
         resume = get_last_checkpoint(args.output_dir)
-    return resume if isinstance(resume, str) else None
+    folder = resume if isinstance(resume, str) else None
+    if folder is not None and state is not None and not getattr(state, "global_step", 0):
+        if not from_call:
+            warnings.warn(f"gradwatch: TrainingArguments.resume_from_checkpoint={folder!r} is not read by "
+                          "Trainer.train(), which starts at step 0; gradwatch starts afresh too. To resume, call "
+                          "trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)", RuntimeWarning,
+                          stacklevel=2)
+        return None
+    return folder
 
 
 def _train_call_argument(max_depth: int = 16) -> Any:

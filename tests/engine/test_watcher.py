@@ -435,3 +435,29 @@ def test_a_failing_activation_reduction_never_breaks_the_forward():
     assert out.shape == (2, 2)
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and "ToyActivations (toy) failed while reducing a forward activation" in said[0]
+
+
+def test_two_armed_captures_disarmed_in_any_order_leave_sdpa_as_it_was():
+    import torch.nn.functional as F
+
+    from gradwatch.engine.hooks import ActivationCapture
+
+    original = F.scaled_dot_product_attention
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    seen: dict[str, int] = {"a": 0, "b": 0}
+
+    def site(name):
+        return ActivationSite("attn", mha, on_attention=lambda *a: seen.__setitem__(name, seen[name] + 1))
+
+    a, b = ActivationCapture(on_error=print), ActivationCapture(on_error=print)
+    a.arm([(0, site("a"))])
+    b.arm([(0, site("b"))])
+    x = torch.randn(1, 3, 8)
+    mha(x, x, x, need_weights=False)
+    assert seen == {"a": 1, "b": 1}  # both report, through one wrapper
+    a.disarm()
+    assert F.scaled_dot_product_attention is not original  # b is still armed
+    mha(x, x, x, need_weights=False)
+    assert seen == {"a": 1, "b": 2}
+    b.disarm()
+    assert F.scaled_dot_product_attention is original

@@ -199,3 +199,24 @@ def test_bad_flag_raises_value_error_naming_choices(tmp_path: Any, flag: str, va
 
     with pytest.raises(ValueError, match=repr(value)):
         config_from_training_args(SimpleNamespace(**{flag.lstrip("-"): value}))
+
+
+def test_probe_examples_are_decoded_with_the_trainers_tokenizer() -> None:
+    """The signals table shows probe examples as text: the engine takes decode from the Trainer's tokenizer."""
+    import torch
+
+    from gradwatch.integrations.huggingface import token_decoder
+
+    class Tokenizer:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return " ".join(f"<{i}>" for i in ids)
+
+    class WithTokenizer:
+        processing_class = Tokenizer()
+
+    class Without:
+        processing_class = None
+
+    decode = token_decoder(WithTokenizer())
+    assert decode({"input_ids": torch.tensor([3, 1, 4]), "labels": torch.tensor(1)}) == "<3> <1> <4>"
+    assert token_decoder(Without()) is None
