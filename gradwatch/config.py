@@ -7,10 +7,11 @@ a typo fails before the first training step rather than an hour into a run.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Union
 
 ON_ERROR_CHOICES: tuple[str, ...] = ("warn", "raise")
 
@@ -286,7 +287,51 @@ class WatchConfig:
             raise fail("config", config, "a gradwatch.WatchConfig or None")
         if config is None:
             return cls(**kwargs)
-        return config.replace(**kwargs) if kwargs else config
+        defaults = cls().options()  # LightningCLI passes every listed keyword: those left at a default
+        changes = {k: v for k, v in kwargs.items() if k not in defaults or not _same(v, defaults[k])}
+        return config.replace(**changes) if changes else config
+
+
+_GENERAL_TYPES: dict[str, Any] = {
+    "include": Sequence[str], "exclude": Sequence[str], "embeddings": bool, "output_head": bool,
+    "log_dir": Optional[str], "max_overhead": Optional[float], "on_error": Literal["warn", "raise"],
+    "probe_seed": int, "loss_fn": Optional[Callable[..., Any]], "on_alert": Optional[Callable[..., Any]],
+    "alert_cooldown": int,
+}
+
+
+def watch_signature(*leading: inspect.Parameter) -> inspect.Signature:
+    """``(config=None, *, <family>=..., include=..., ...)`` with types and defaults: the keywords a callback
+    accepts, listed for tools that read signatures (LightningCLI's jsonargparse), derived from the registry."""
+    from gradwatch.registry import families
+
+    P = inspect.Parameter
+    params = [*leading, P("config", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[WatchConfig])]
+    params += [P(f.key, P.KEYWORD_ONLY, default=f.default_on, annotation=Union[bool, f.config_class])
+               for f in families()]
+    params += [P(name, P.KEYWORD_ONLY, default=_GENERAL[name], annotation=_GENERAL_TYPES[name]) for name in _GENERAL]
+    return inspect.Signature(params, return_annotation=None)
+
+
+def list_watch_options(cls: type) -> type:
+    """Give ``cls.__init__(self, config=None, **kwargs)`` the signature of :func:`watch_signature`, so that
+    LightningCLI YAML (``class_path`` + ``init_args``) sees every option; keywords left at their defaults
+    do not override a given ``config``."""
+    sig = watch_signature(inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    cls.__init__.__signature__ = sig  # type: ignore[attr-defined]
+    cls.__init__.__annotations__ = {p.name: p.annotation for p in sig.parameters.values() if p.name != "self"}
+    return cls
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is True and b is not None and not isinstance(b, bool):  # True means "the family's defaults"
+        return type(b)() == b
+    if a is False and b is False:
+        return True
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return False
 
 
 def family_every(config: Any) -> Cadence:

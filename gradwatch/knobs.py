@@ -95,6 +95,16 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    """Glob patterns from comma-separated text (a flag, a variable) or a list of text (a JSON or YAML file)."""
+    if isinstance(value, str):
+        return _split(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(p.strip() for p in value if p.strip())
+    raise ValueError(f"gradwatch: knob `{name}` expected comma-separated glob patterns (text) or a list of "
+                     f"them, got {value!r}")
+
+
 def config_from_knobs(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> WatchConfig:
     """The :class:`WatchConfig` the knob ``values`` describe (knobs absent: defaults); ``base`` holds other
     WatchConfig options (``loss_fn``, ``on_alert``). A bad value raises ValueError naming the knob."""
@@ -104,8 +114,8 @@ def config_from_knobs(values: Mapping[str, Any], base: Mapping[str, Any] | None 
         raise ValueError(f"gradwatch: unknown knob {unknown[0]!r}; valid knobs are {list(table)}")
     get = lambda name: values.get(name, table[name].default)  # noqa: E731
     options: dict[str, Any] = dict(base or {})
-    options["include"] = _split(get("include")) or ("*",)
-    options["exclude"] = _split(get("exclude"))
+    options["include"] = _patterns("include", get("include")) or ("*",)
+    options["exclude"] = _patterns("exclude", get("exclude"))
     for name in ("embeddings", "output_head", "on_error", "probe_seed", "alert_cooldown"):
         options[name] = get(name)
     options["max_overhead"] = get("max_overhead") or None

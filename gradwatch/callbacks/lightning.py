@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from gradwatch.config import WatchConfig
+from gradwatch.config import WatchConfig, list_watch_options
 from gradwatch.engine.watcher import Watcher
 from gradwatch.integrations import lightning as glue
 
@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - the classic package name
         raise ImportError("gradwatch.callbacks.lightning needs Lightning: pip install 'gradwatch[lightning]'") from exc
 
 
+@list_watch_options  # LightningCLI YAML sees every option
 class GradWatch(Callback):
     """Live training diagnostics for a Lightning ``Trainer``.
 
