@@ -3,22 +3,15 @@ lr 0.2 (Cohen et al. 2021; REFERENCE section 2), measured by gradwatch's sharpne
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "edge_of_stability.py"
+from _support.examples import load_example as _load
 
 
 def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("edge_of_stability", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return _load('edge_of_stability')
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,16 @@ logits stay bounded and nothing fires (Wortsman et al. 2023; REFERENCE section 4
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "instability.py"
+from _support.examples import load_example as _load
 
 
 def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("instability", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return _load('instability')
 
 
 @pytest.fixture(scope="module")

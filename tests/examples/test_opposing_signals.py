@@ -5,23 +5,17 @@ is written. All through Lightning, read back from signals.jsonl, alerts.jsonl an
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
+from _support.examples import load_example as _load
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "opposing_signals.py"
 SEEDS = (0, 1, 2)
 
 
 def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("opposing_signals", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return _load('opposing_signals')
 
 
 @pytest.fixture(scope="module")
