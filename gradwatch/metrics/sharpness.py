@@ -173,8 +173,9 @@ class Sharpness(Diagnostic):
             values["trace"] = est.trace
         if info is None or info.kind == "unknown":
             self.unknown_optimizer = "no optimizer" if optimizer is None else type(optimizer).__name__
-            ctx.say_once("sharpness/threshold", f"gradwatch: no stability threshold is known for "
-                         f"{self.unknown_optimizer}; logging sharpness/lambda_max alone")
+            why = ("the host gave no optimizer" if optimizer is None
+                   else f"no stability threshold is known for {self.unknown_optimizer}")
+            ctx.say_once("sharpness/threshold", f"gradwatch: {why}; logging sharpness/lambda_max without a threshold")
         else:
             values["threshold"] = info.threshold
             preconditioned_case = info.preconditioned and cfg.precondition
