@@ -282,7 +282,10 @@ class WatchConfig:
 
     @classmethod
     def from_kwargs(cls, config: WatchConfig | None = None, **kwargs: Any) -> WatchConfig:
-        """``GradWatch(config)`` or ``GradWatch(spectra=..., ...)``: one path for both."""
+        """``GradWatch(config)`` or ``GradWatch(spectra=..., ...)``: one path for both. With a ``config``, the
+        keywords override it, except those equal to their default: LightningCLI passes every listed keyword,
+        so a default there cannot tell "given" from "left out" (to set an option back to its default, build
+        the config with it: ``config.replace(max_overhead=0.05)``)."""
         if config is not None and not isinstance(config, WatchConfig):
             raise fail("config", config, "a gradwatch.WatchConfig or None")
         if config is None:
