@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from _lightning_helpers import WEIGHTS, reference_statistics
+from _support.launch import run_worker
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lightning_ddp_worker.py")
@@ -20,11 +19,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lightning_dd
 def test_ddp_two_cpu_ranks(tmp_path, tb_scalars):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE",
-                                                                      "MASTER_", "PL_"))}
-    proc = subprocess.run([sys.executable, WORKER, str(tmp_path)], cwd=os.path.dirname(WORKER), env=env,
-                          capture_output=True, text=True, timeout=120)  # a hang fails here
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER, str(tmp_path), timeout=120)  # a hang fails here
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

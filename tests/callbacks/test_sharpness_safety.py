@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import subprocess
-import sys
 import warnings
 from typing import Any
 
@@ -25,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _lightning_helpers import TinyMLP  # noqa: E402
+from _support.launch import run_worker
 from conftest import TokenData
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -222,11 +221,7 @@ def test_hf_gradient_checkpointing(tmp_path: Any) -> None:
 
 
 def ddp_run(out_dir: Any, *modes: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE",
-                                                                      "MASTER_", "PL_"))}
-    proc = subprocess.run([sys.executable, WORKER, str(out_dir), *modes], cwd=os.path.dirname(WORKER), env=env,
-                          capture_output=True, text=True, timeout=120)  # a hang fails here
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER, str(out_dir), *modes, timeout=120)  # a hang fails here
 
 
 @pytest.mark.slow

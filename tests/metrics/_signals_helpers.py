@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 
-def planted(n: int = 4096, seed: int = 0) -> tuple[TensorDataset, set[int], set[int]]:
-    """Two groups of 4% (labels 1 and 0) sharing a strong feature x0 = 16 and no core feature (as in
+def planted(n: int = 4096, seed: int = 0, strength: float = 16.0) -> tuple[TensorDataset, set[int], set[int]]:
+    """Two groups of 4% (labels 1 and 0) sharing a strong feature x0 = ``strength`` and no core feature (as in
     examples/opposing_signals.py)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 2, (n,), generator=g)
@@ -20,7 +20,7 @@ def planted(n: int = 4096, seed: int = 0) -> tuple[TensorDataset, set[int], set[
     x[:, 1] += 2.0 * y.float() - 1.0
     k = int(0.04 * n)
     a, b = torch.nonzero(y == 1).reshape(-1)[:k], torch.nonzero(y == 0).reshape(-1)[:k]
-    x[a, 0] = x[b, 0] = 16.0
+    x[a, 0] = x[b, 0] = strength
     x[a, 1], x[b, 1] = 0.5 * torch.randn(k, generator=g), 0.5 * torch.randn(k, generator=g)
     return TensorDataset(x, y), set(a.tolist()), set(b.tolist())
 

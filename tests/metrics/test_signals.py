@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _signals_helpers import planted
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -69,20 +70,6 @@ class Ctx:
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         return tensor if self.exchange is None else torch.stack(self.exchange.all_gather(self.rank, tensor)).sum(0)
 
-
-def planted(n: int = 4096, seed: int = 0, strength: float = 16.0) -> tuple[TensorDataset, set[int], set[int]]:
-    """The example's planted opposing signal, smaller: groups A (label 1) and B (label 0) of 4% each share a
-    strong feature x0 and have no core feature."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g)
-    x[:, 0] = 0.0
-    x[:, 1] += 2.0 * y.float() - 1.0
-    k = int(0.04 * n)
-    a, b = torch.nonzero(y == 1).reshape(-1)[:k], torch.nonzero(y == 0).reshape(-1)[:k]
-    x[a, 0] = x[b, 0] = strength
-    x[a, 1], x[b, 1] = 0.5 * torch.randn(k, generator=g), 0.5 * torch.randn(k, generator=g)
-    return TensorDataset(x, y), set(a.tolist()), set(b.tolist())
 
 
 def mlp() -> nn.Module:

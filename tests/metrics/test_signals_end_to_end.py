@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _signals_helpers import Classifier, planted
+from _support.launch import run_worker
 from conftest import read_scalars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -198,16 +199,9 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_signals_ddp_
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_split_the_probe_and_make_one_report(tmp_path: Any) -> None:
-    import subprocess
-    import sys
-
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE",
-                                                                      "MASTER_", "PL_"))}
-    proc = subprocess.run([sys.executable, WORKER, str(tmp_path)], cwd=os.path.dirname(WORKER), env=env,
-                          capture_output=True, text=True, timeout=180)  # a hang fails here
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER, str(tmp_path), timeout=180)  # a hang fails here
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     # the same window on both ranks: every rank holds the whole probe's losses, gathered in probe order
