@@ -337,10 +337,6 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def family_every(config: Any) -> Cadence:
-    """A family config's ``every`` as a Cadence (family configs coerce it in ``__post_init__``)."""
-    return as_cadence(f"{type(config).__name__}.every", config.every)
-
 
 def __getattr__(name: str) -> Any:
     # SpectraConfig & co. moved beside their families; the old import path keeps working

@@ -163,8 +163,6 @@ def discover_matrices(model: nn.Module, include: Sequence[str] = ("*",), exclude
     return WatchedLayers(tuple(matrices), params, tuple(frozen))
 
 
-Discovery = WatchedLayers  # the name before engine v2
-
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module under DDP/FSDP/compile wrappers (observe it, never its wrapper)."""

@@ -525,8 +525,3 @@ class Watcher:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.postponed_steps = int(state.get("postponed_steps", 0))
 
-    # kept for callers of the v1 engine
-    @property
-    def discovery(self) -> WatchedLayers | None:
-        return self.layers
-
