@@ -30,7 +30,8 @@ class GradWatch(Callback):
     Args:
         config: a :class:`gradwatch.WatchConfig`; or its options as keywords (``GradWatch(spectra=10)``).
 
-    Events: step start at the first micro-batch's ``on_train_batch_start``; gradients ready at
+    Events: step start at the first micro-batch's ``on_train_batch_start`` (each reports its micro-batch's
+    examples); gradients ready at
     ``on_before_optimizer_step`` (accumulated, all-reduced, unscaled, before clipping); step end at the
     ``on_train_batch_end`` that follows, with ``training_step``'s loss. Steps are ``global_step + 1``.
     """
@@ -48,11 +49,13 @@ class GradWatch(Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         if batch_idx % glue.accumulation(trainer) == 0:
             self.watcher.on_step_start(trainer.global_step + 1)
+        self.watcher.on_micro_batch(batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         factor, scaled = glue.true_gradient_factor(trainer, optimizer)
         self._ready = trainer.global_step + 1
-        self.watcher.on_gradients_ready(self._ready, optimizer=optimizer, grad_scale=factor, check_skipped=scaled)
+        self.watcher.on_gradients_ready(self._ready, optimizer=optimizer, grad_scale=factor, check_skipped=scaled,
+                                        loss_scale=glue.loss_scale(trainer))
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._ready is not None:

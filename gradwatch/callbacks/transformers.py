@@ -33,7 +33,8 @@ class GradWatch(TrainerCallback):
         tb_writer: a SummaryWriter to write with (default: that of HF's own ``TensorBoardCallback``, so
             gradwatch's charts land in the same run; else a writer of our own in HF's run directory).
 
-    Events: step start at ``on_step_begin`` (before the first micro-batch); gradients ready at
+    Events: step start at ``on_step_begin`` (before the first micro-batch; each micro-batch's inputs are
+    reported from ``Trainer.training_step``); gradients ready at
     ``on_pre_optimizer_step``, after HF clipped them: the pre-clip gradients are rebuilt exactly (clipping is
     one global scale, undone with the pre-clip norm ``Trainer._clip_grad_norm`` returned) and fp16 gradients
     still carrying the loss scale are unscaled; step end at ``on_step_end`` with the step's loss. Steps are
@@ -47,7 +48,7 @@ class GradWatch(TrainerCallback):
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tb_writer = tb_writer
         self._clip = glue.ClipNormRecorder()
-        self._loss = glue.StepLossRecorder()
+        self._loss = glue.StepLossRecorder(on_inputs=self.watcher.on_micro_batch)
         self.log_dir: str | None = None
 
     @property
@@ -84,7 +85,7 @@ class GradWatch(TrainerCallback):
         factor, scaled = glue.true_gradient_factor(self.trainer, optimizer,
                                                    self._clip.preclip_factor(getattr(args, "max_grad_norm", None)))
         self.watcher.on_gradients_ready(state.global_step + 1, optimizer=optimizer, grad_scale=factor,
-                                        check_skipped=scaled)
+                                        check_skipped=scaled, loss_scale=glue.loss_scale(self.trainer))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.watcher.on_step_end(state.global_step, loss=self._loss.pop())

@@ -18,6 +18,7 @@ from gradwatch.engine.layers import gradient_matrices, unwrap_optimizer
 from gradwatch.engine.ranks import Ranks
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gradwatch.engine.hooks import MicroBatchGradients
     from gradwatch.engine.layers import WatchedLayers
     from gradwatch.engine.probe import ProbeSet
 
@@ -114,6 +115,79 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
                 m.training = mode
 
 
+@dataclass(frozen=True)
+class BatchGradientNorms:
+    """Squared norms of the gradient of one optimizer step at two batch sizes, in common units, for the
+    gradient noise scale (McCandlish et al. 2018, appendix A): ``E|G_b|^2 = |G|^2 + tr(Sigma) / b``.
+
+    Attributes:
+        sq_norm_small: mean squared norm of a gradient over ``b_small`` examples.
+        b_small: examples behind one small gradient.
+        sq_norm_big: squared norm of the gradient over ``b_big`` examples.
+        b_big: examples behind the big gradient.
+        source: ``"micro_batches"`` (small: one micro-batch; big: a rank's accumulated gradient; averaged over
+            ranks) or ``"ranks"`` (small: one rank's gradient; big: the all-reduced one).
+    """
+
+    sq_norm_small: Tensor
+    b_small: float
+    sq_norm_big: Tensor
+    b_big: float
+    source: str
+
+
+def batch_gradient_norms(tap: MicroBatchGradients | None, ranks: Ranks, layers: WatchedLayers,
+                         grad_scale: float | None, loss_scale: Callable[[], float | None] | float | None,
+                         ) -> tuple[BatchGradientNorms | None, str]:
+    """The step's :class:`BatchGradientNorms` over the watched parameters, and why not when None.
+
+    A collective (one all-reduce of five numbers), run on every rank. With ``n >= 2`` micro-batches per rank,
+    per rank: small = mean_k |h_k|^2 over its micro-batch contributions, big = |sum_k h_k|^2 / n^2 (its
+    accumulated gradient), both in the backward's units, which cancel in B_simple; exact for micro-batches of
+    equal size (what Lightning and HF accumulate: each micro-batch loss divided by n, or by the tokens of the
+    whole step). With one micro-batch and several ranks: small = a rank's |h|^2 / c^2 with c the loss scale
+    the backward carried (1 without fp16), big = the all-reduced true gradient's squared norm.
+    """
+    if tap is None:
+        return None, "the host reports no micro-batches"
+    sums = tap.sums()
+    examples = tap.examples
+    n = len(examples)
+    ok = sums is not None and n > 0 and all(e > 0 for e in examples)
+    small, total = sums if sums is not None else (torch.zeros((), dtype=torch.float64),) * 2
+    local = torch.stack([small.double().cpu(), total.double().cpu(), torch.tensor(float(n), dtype=torch.float64),
+                         torch.tensor(float(sum(examples)), dtype=torch.float64),
+                         torch.tensor(1.0 if ok else 0.0, dtype=torch.float64)])
+    got = ranks.all_reduce(local, "sum")
+    low = ranks.all_reduce(local[2:3], "min") if ranks.distributed else local[2:3]
+    w = ranks.world_size
+    small_sum, total_sum, n_sum, e_sum, ok_sum = got.tolist()
+    if ok_sum < w:
+        return None, ("no backward reached a watched parameter on some rank (FSDP2-sharded parameters are not "
+                      "hooked), or the host gave micro-batches without a batch dimension")
+    if n_sum != float(low.item()) * w:
+        return None, "the ranks ran different numbers of micro-batches"
+    n = int(low.item())
+    if n >= 2:
+        return BatchGradientNorms(torch.tensor(small_sum / (n * w), dtype=torch.float64), e_sum / (n * w),
+                                  torch.tensor(total_sum / (n * n * w), dtype=torch.float64), e_sum / w,
+                                  "micro_batches"), ""
+    if w >= 2:
+        c = loss_scale() if callable(loss_scale) else loss_scale
+        c = 1.0 if c is None else float(c)
+        grads = [p.grad for p in layers.params.values() if p.grad is not None]
+        if not grads or not all(isinstance(g, Tensor) and type(g) is Tensor for g in grads):
+            return None, "the all-reduced gradients are not plain tensors"
+        factor = 1.0 if grad_scale is None else float(grad_scale)
+        big = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).double().cpu() for g in grads])
+        big = big.square().sum() * factor * factor
+        return BatchGradientNorms(torch.tensor(small_sum / (w * c * c), dtype=torch.float64), e_sum / w, big,
+                                  e_sum, "ranks"), ""
+    return None, ("one process and one micro-batch per step give one batch size; the noise scale needs "
+                  "gradient accumulation (accumulate_grad_batches / gradient_accumulation_steps >= 2) or more "
+                  "than one rank")
+
+
 class EngineStepContext:
     """The engine's :class:`gradwatch.metrics.base.StepContext`: one per event, accessors cached, so two
     diagnostics due at the same step share one read of the gradients.
@@ -131,7 +205,10 @@ class EngineStepContext:
                  layers: WatchedLayers, ranks: Ranks, optimizer: Any = None, grad_scale: float | None = None,
                  probe: Callable[[], ProbeSet] | None = None, loss: Tensor | None = None,
                  weights_before: Mapping[str, Tensor] | None = None,
-                 say_once: Callable[[str, str], None] | None = None) -> None:
+                 say_once: Callable[[str, str], None] | None = None,
+                 micro_batches: MicroBatchGradients | None = None,
+                 loss_scale: Callable[[], float | None] | float | None = None,
+                 logged: Mapping[str, tuple[int, float]] | None = None) -> None:
         self.step = step
         self.phase = phase
         self.model = model
@@ -147,6 +224,9 @@ class EngineStepContext:
         self._loss = loss
         self._weights_before = weights_before
         self._say_once = say_once
+        self._micro_batches = micro_batches
+        self._loss_scale = loss_scale
+        self._logged = logged or {}
 
     @cached_property
     def optimizer(self) -> Any:
@@ -162,6 +242,21 @@ class EngineStepContext:
         """(matrices, indices into ``watched``) of the true gradients: unscaled, pre-clip, DTensor shards
         made whole (a collective: the engine calls this on every rank when a due diagnostic needs it)."""
         return self._gradients
+
+    @cached_property
+    def _batch_gradient_norms(self) -> tuple[BatchGradientNorms | None, str]:
+        return batch_gradient_norms(self._micro_batches, self._ranks, self._layers, self._grad_scale,
+                                    self._loss_scale)
+
+    def batch_gradient_norms(self) -> BatchGradientNorms | None:
+        """This step's gradient norms at two batch sizes (``"micro_batches"``), or None where the step gives
+        only one (a reason is in :attr:`batch_gradient_norms_reason`). A collective: the engine calls it on
+        every rank when a due diagnostic needs it."""
+        return self._batch_gradient_norms[0]
+
+    @property
+    def batch_gradient_norms_reason(self) -> str:
+        return self._batch_gradient_norms[1]
 
     def probe(self) -> ProbeSet:
         """The shared probe set (drawn on first use)."""
@@ -187,6 +282,10 @@ class EngineStepContext:
     def loss(self) -> Tensor | None:
         """The step's training loss (``step_end`` only; None when the host gave none)."""
         return self._loss
+
+    def logged(self, tag: str) -> tuple[int, float] | None:
+        """(step, value) last logged under the scalar ``tag`` (by any family, this run), or None."""
+        return self._logged.get(tag)
 
     def all_reduce(self, tensor: Tensor, op: Literal["sum", "max", "min"] = "sum") -> Tensor:
         return self._ranks.all_reduce(tensor, op)

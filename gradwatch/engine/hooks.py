@@ -147,3 +147,91 @@ class _SharedSDPAWrapper:
 
 
 _SDPA = _SharedSDPAWrapper()
+
+
+# ---- micro-batch gradient norms -----------------------------------------------------------------
+
+
+def batch_examples(batch: Any) -> int | None:
+    """Examples in a host batch: the leading size of its first tensor (a tensor, or the first found in a
+    mapping's values or a sequence, depth first); None when it holds no tensor with a leading dimension."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, dict):
+        items: Any = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        items = getattr(batch, "values", lambda: ())()  # BatchEncoding and other mapping-likes
+    for item in items:
+        found = batch_examples(item)
+        if found is not None:
+            return found
+    return None
+
+
+class MicroBatchGradients:
+    """Squared norms of each micro-batch's gradient contribution, taken inside the user's backward.
+
+    Armed on due steps only, on the watched parameters: ``param.register_hook`` sees, for each backward, the
+    gradient ``h_k`` that is about to be added to ``param.grad`` (before DDP reduces it: the hook runs before
+    the ``AccumulateGrad`` node that DDP's reducer follows) while ``param.grad`` still holds the sum of the
+    earlier micro-batches. Per rank, over the step's ``n`` micro-batches, it keeps (on the device, no sync):
+
+    - ``small = sum_k |h_k|^2`` (all watched parameters), and
+    - ``total = |h_1 + ... + h_n|^2``, the squared norm of the rank's accumulated gradient before any
+      reduction, from ``|param.grad + h_k|^2`` at the last micro-batch.
+
+    Both are in the backward's units (loss scale, accumulation factor), which B_simple does not depend on.
+    The host reports each micro-batch's examples (:meth:`micro_batch`). Nothing is written: the hook returns
+    None, so the gradient is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._small: torch.Tensor | None = None
+        self._total: dict[int, torch.Tensor] = {}
+        self.examples: list[int] = []
+        self.armed = False
+
+    def arm(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.disarm()
+        self.armed = True
+        seen: set[int] = set()
+        for p in params:
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            self._handles.append(p.register_hook(self._hook(p)))
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.armed = False
+
+    def clear(self) -> None:
+        self._small, self._total, self.examples = None, {}, []
+
+    def micro_batch(self, examples: int | None) -> None:
+        if self.armed:
+            self.examples.append(-1 if examples is None else int(examples))
+
+    def _hook(self, p: torch.nn.Parameter) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():  # float32 norms (a cast only for half precision), squared in float64
+                g = grad.detach()
+                sq = torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
+                self._small = sq if self._small is None else self._small + sq.to(self._small.device)
+                prev = p.grad
+                self._total[id(p)] = sq if prev is None else torch.linalg.vector_norm(
+                    prev.detach() + g, dtype=torch.float32).double().square()
+
+        return hook
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(small, total) of this step on this rank, or None when no backward reached a watched parameter."""
+        if self._small is None:
+            return None
+        dev = self._small.device
+        return self._small, torch.stack([t.to(dev) for t in self._total.values()]).sum()

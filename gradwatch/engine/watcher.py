@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from gradwatch.config import WatchConfig
 from gradwatch.engine.context import EngineStepContext
-from gradwatch.engine.hooks import ActivationCapture
+from gradwatch.engine.hooks import ActivationCapture, MicroBatchGradients, batch_examples
 from gradwatch.engine.layers import WatchedLayers, discover_matrices, unwrap_model
 from gradwatch.engine.probe import ProbeSet
 from gradwatch.engine.ranks import Ranks
@@ -67,6 +67,7 @@ class Watcher:
         self.model: nn.Module | None = None
         self.ranks = Ranks()
         self.capture = ActivationCapture(on_error=self._hook_failed)
+        self.micro_batches = MicroBatchGradients()
         self._probe_source: Callable[[int], ProbeSet] | None = None
         self._warned: set[str] = set()
         self._restored: Mapping[str, Any] | None = None
@@ -91,11 +92,13 @@ class Watcher:
         self._skipped = False
         self._optimizer: Any = None
         self._grad_scale: float | None = None
+        self._loss_scale: Any = None
         self._weights_before: dict[str, Tensor] | None = None
         self.steps_seen = 0
         self.skipped_steps = 0
         self.postponed_steps = 0
         self.last_logged: dict[str, float] = {}
+        self._latest: dict[str, tuple[int, float]] = {}  # every scalar tag's last (step, value), for "logged"
 
     @property
     def is_rank_zero(self) -> bool:
@@ -108,7 +111,7 @@ class Watcher:
         """Find the layers, build the diagnostics, draw the probe set, open the sinks. Raises on bad
         include/exclude patterns and on a probe that cannot be drawn."""
         t0 = self.clock()
-        self.capture.disarm()
+        self._disarm()
         self._new_run()
         self._wall_start = t0  # attach's own time counts in both numerator and denominator
         self.ranks.refresh()
@@ -143,7 +146,7 @@ class Watcher:
     def close(self) -> None:
         """Remove every hook; flush and close the sinks."""
         self._restored = None
-        self.capture.disarm()
+        self._disarm()
         for sink in self.sinks:
             sink.flush()
             sink.close()
@@ -151,7 +154,7 @@ class Watcher:
     def on_exception(self, exc: BaseException | None = None) -> None:
         """Training raised: remove every hook and flush what was written; the step in flight is dropped."""
         self._restored = None
-        self.capture.disarm()
+        self._disarm()
         self._step = None
         self._running = []
         for sink in self.sinks:
@@ -183,10 +186,21 @@ class Watcher:
         sites = [(i, site) for i in self._running if "activations" in self.diagnostics[i].needs
                  and self._runs_here(i) for site in self._sites(i)]
         self.capture.arm(sites)
+        self.micro_batches.clear()
+        if any("micro_batches" in self.diagnostics[i].needs for i in self._running):
+            assert self.layers is not None
+            self.micro_batches.arm(list(self.layers.params.values()))
         self._spent(t0)
 
+    def on_micro_batch(self, batch: Any) -> None:
+        """A micro-batch of the step in flight is about to run forward and backward (hosts call it for each,
+        after :meth:`on_step_start` for the first): its examples are counted while a due diagnostic needs
+        ``"micro_batches"``. Only shapes are read."""
+        if self.micro_batches.armed:
+            self.micro_batches.micro_batch(batch_examples(batch))
+
     def on_gradients_ready(self, step: int, *, optimizer: Any = None, grad_scale: float | None = None,
-                           check_skipped: bool = False) -> None:
+                           check_skipped: bool = False, loss_scale: Any = None) -> None:
         """Gradients for optimizer step ``step`` are final (accumulated, all-reduced).
 
         Args:
@@ -196,13 +210,15 @@ class Watcher:
                 before its callbacks ran; None for 1.
             check_skipped: a mixed-precision scaler is active: a step whose gradients hold an inf/NaN is
                 skipped by the scaler, so nothing is observed at it.
+            loss_scale: the factor the step's backward passes carried (the fp16 scaler's current scale, or a
+                function returning it, called only when needed); None for 1.
         """
         if self.model is None:
             return
         self.on_step_start(step)  # hosts (and tests) without a pre-forward event
         t0 = self.clock()
-        self.capture.disarm()
-        self._optimizer, self._grad_scale = optimizer, grad_scale
+        self._disarm()
+        self._optimizer, self._grad_scale, self._loss_scale = optimizer, grad_scale, loss_scale
         if check_skipped and self.ranks.any(torch.tensor([self._step_will_be_skipped()]))[0]:
             self._skipped = True
             self.skipped_steps += 1
@@ -237,12 +253,14 @@ class Watcher:
         return logged
 
     def run_step(self, step: int, *, optimizer: Any = None, grad_scale: float | None = None,
-                 loss: Tensor | float | None = None, check_skipped: bool = False) -> dict[str, float]:
+                 loss: Tensor | float | None = None, check_skipped: bool = False,
+                 loss_scale: Any = None) -> dict[str, float]:
         """All three step events at once, for a hand-written loop without separate hooks: call it after
         ``backward()`` and before ``optimizer.step()``. Step-end diagnostics then see the weights before the
         update as the weights after it (update ratios are zero); use the three events for those."""
         self.on_step_start(step)
-        self.on_gradients_ready(step, optimizer=optimizer, grad_scale=grad_scale, check_skipped=check_skipped)
+        self.on_gradients_ready(step, optimizer=optimizer, grad_scale=grad_scale, check_skipped=check_skipped,
+                                loss_scale=loss_scale)
         return self.on_step_end(step, loss=loss)
 
     # ---- observing ----------------------------------------------------------------------------
@@ -255,7 +273,9 @@ class Watcher:
         return EngineStepContext(step=self._step, phase=phase, model=self.model, layers=self.layers, ranks=self.ranks,
                                  optimizer=self._optimizer, grad_scale=self._grad_scale,
                                  probe=self.probe if self.probe_size() else None, loss=loss,
-                                 weights_before=self._weights_before, say_once=self._warn_once)
+                                 weights_before=self._weights_before, say_once=self._warn_once,
+                                 micro_batches=self.micro_batches, loss_scale=self._loss_scale,
+                                 logged=self._latest)
 
     def _observe(self, phase: str, loss: Tensor | None = None) -> None:
         now = [i for i in self._running if self.diagnostics[i].phase == phase]
@@ -264,12 +284,13 @@ class Watcher:
         ctx = self._context(phase, loss)
         self._observed.update(now)
         failed = torch.zeros(len(now), dtype=torch.bool)
-        if any("gradients" in self.diagnostics[i].needs for i in now):
-            try:
-                ctx.gradients()  # a collective for DTensor shards: every rank, before any rank-zero work
-            except Exception as exc:
-                failed[:] = True
-                self._fail(now[0], exc, what="reading the gradients")
+        for need, read in (("gradients", ctx.gradients), ("micro_batches", ctx.batch_gradient_norms)):
+            if any(need in self.diagnostics[i].needs for i in now):  # each read on every rank, failed or not
+                try:
+                    read()  # collectives: every rank, before any rank-zero work
+                except Exception as exc:
+                    failed[:] = True
+                    self._fail(now[0], exc, what=f"reading the {need.replace('_', '-')}")
         for k, i in enumerate(now):
             if failed[k] or not self._runs_here(i):
                 continue
@@ -288,6 +309,10 @@ class Watcher:
             failed = self.ranks.any(failed)
             self._failed_elsewhere.update(i for k, i in enumerate(now) if failed[k] and not mine[k])
         self._failed.update(i for k, i in enumerate(now) if failed[k])
+
+    def _disarm(self) -> None:
+        self.capture.disarm()
+        self.micro_batches.disarm()
 
     def _sites(self, i: int) -> Sequence[Any]:
         try:
@@ -344,6 +369,7 @@ class Watcher:
             sink.write(step, emission)
             sink.flush()
         self.last_logged = scalars
+        self._latest.update((tag, (step, value)) for tag, value in scalars.items())
         self._handle_alerts(alerts)
         return scalars
 

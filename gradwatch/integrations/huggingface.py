@@ -218,16 +218,21 @@ class ClipNormRecorder(_InstanceWrapper):
 
 class StepLossRecorder(_InstanceWrapper):
     """The mean of ``Trainer.training_step``'s returned losses over the micro-batches of a step (each is the
-    micro-batch loss divided by the accumulation steps, so their sum is the step's loss)."""
+    micro-batch loss divided by the accumulation steps, so their sum is the step's loss); ``on_inputs`` is
+    told each micro-batch's inputs before it runs."""
 
     method = "training_step"
 
-    def __init__(self) -> None:
+    def __init__(self, on_inputs: Any = None) -> None:
         super().__init__()
         self._total: Tensor | None = None
+        self._on_inputs = on_inputs  # told each micro-batch's inputs before it runs
 
     def _wrap(self, original: Any) -> Any:
         def step_and_remember(*args: Any, **kwargs: Any) -> Any:
+            if self._on_inputs is not None:
+                inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+                self._on_inputs(inputs)
             loss = original(*args, **kwargs)
             if isinstance(loss, Tensor):
                 self._total = loss.detach() if self._total is None else self._total + loss.detach()
@@ -250,6 +255,13 @@ def true_gradient_factor(trainer: Any, optimizer: Any, clip_factor: float | None
     if loss_scale is not None:
         factor = (factor or 1.0) / loss_scale
     return factor, scaler is not None
+
+
+def loss_scale(trainer: Any) -> Any:
+    """A function returning the fp16 loss scale the step's backward passes carried (read only when asked), or
+    None without a scaler."""
+    scaler = hf_scaler(trainer)
+    return None if scaler is None else (lambda: float(scaler.get_scale()))
 
 
 def token_decoder(trainer: Any) -> Any | None:

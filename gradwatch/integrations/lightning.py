@@ -119,6 +119,13 @@ def true_gradient_factor(trainer: Any, optimizer: Any) -> tuple[float | None, bo
     return (None if scale is None else 1.0 / scale), True
 
 
+def loss_scale(trainer: Any) -> Any:
+    """A function returning the fp16 loss scale the step's backward passes carried (read only when asked: a
+    host sync on CUDA), or None without a scaler."""
+    scaler = lightning_scaler(trainer)
+    return None if scaler is None else (lambda: float(scaler.get_scale()))
+
+
 def accumulation(trainer: Any) -> int:
     return max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
 

@@ -30,7 +30,12 @@ Capabilities (``needs``), each a cached accessor of :class:`StepContext`:
 - ``"weights_before"``: the watched weights as they were before the optimizer step (``step_end`` only);
 - ``"activations"``: what the diagnostic's :meth:`Diagnostic.activation_sites` reduced inside forward
   hooks during the step (armed on due steps only, once per micro-batch);
-- ``"loss"``: the step's training loss (``step_end`` only).
+- ``"loss"``: the step's training loss (``step_end`` only);
+- ``"micro_batches"``: :meth:`StepContext.batch_gradient_norms`, the step's gradient norms at two batch sizes
+  (one micro-batch against a rank's accumulated gradient, or one rank against the all-reduced one), read by
+  gradient hooks inside the user's backward on due steps only (hosts report each micro-batch);
+- ``"logged"``: :meth:`StepContext.logged`, the latest value any family logged under a scalar tag (one
+  family reading another's results, e.g. the sharpness ratio), with its step.
 
 Ranks: every rank enters the engine. ``runs_on = "rank_zero"`` diagnostics observe on rank zero only;
 ``"all_ranks"`` ones observe everywhere (sharded state, passes through sharded modules) and must return
@@ -61,8 +66,10 @@ from gradwatch.config import Cadence
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
-Capability = Literal["gradients", "probe", "optimizer", "weights_before", "activations", "loss"]
-CAPABILITIES: tuple[str, ...] = ("gradients", "probe", "optimizer", "weights_before", "activations", "loss")
+Capability = Literal["gradients", "probe", "optimizer", "weights_before", "activations", "loss", "micro_batches",
+                     "logged"]
+CAPABILITIES: tuple[str, ...] = ("gradients", "probe", "optimizer", "weights_before", "activations", "loss",
+                                 "micro_batches", "logged")
 RunsOn = Literal["rank_zero", "all_ranks"]
 Phase = Literal["gradients_ready", "step_end"]
 Severity = Literal["info", "warning", "critical"]
@@ -235,6 +242,12 @@ class StepContext(Protocol):
 
     @property
     def loss(self) -> Tensor | None: ...
+
+    def batch_gradient_norms(self) -> Any:
+        """``gradwatch.engine.context.BatchGradientNorms`` of this step, or None (one batch size only)."""
+
+    def logged(self, tag: str) -> tuple[int, float] | None:
+        """(step, value) last logged under the scalar ``tag`` by any diagnostic, or None."""
 
     def all_reduce(self, tensor: Tensor, op: Literal["sum", "max", "min"] = "sum") -> Tensor: ...
 

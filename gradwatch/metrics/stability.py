@@ -14,7 +14,8 @@ UpdateRatio           ``stability/update_ratio/<param>``                        
 AdamEpsShare          ``stability/adam/eps_share/<param>``, ``stability/adam/rms_over_eps/<param>``  mean
 LossSpikes            ``stability/spike/loss`` (max robust z-score over the interval)        max
 GradNormSpikes        ``stability/spike/grad_norm`` (the same, of the watched gradients' norm) max
-NoiseScale            ``stability/noise_scale`` (B_simple, when micro-batch norms exist)      last EMA value
+NoiseScale            ``stability/noise_scale`` (B_simple), ``stability/noise_scale/examples``  last EMA value
+SharpnessRatio        no tag of its own: the sustained-sharpness alert (with ``sharpness``)   last ratio
 ====================  =====================================================================  ===============
 
 plus ``stability/alert``: 1 when any rule of the family held during the interval, else 0, written once per
@@ -52,8 +53,18 @@ Alert rules (each evidence has the values, thresholds and trend; remedies quote 
   the previous ``spike_window`` (100) observations, after ``spike_warmup`` (50); ``stability/nonfinite_loss``
   and ``stability/nonfinite_grad_norm`` (critical) for an inf/NaN value.
 
+- ``stability/sharpness_above_threshold`` (with the ``sharpness`` family on): the last ``sharpness_sustain``
+  (3) estimates of ``sharpness/ratio`` (lambda_max over 2/lr, or Adam's 38/lr) all above
+  ``sharpness_ratio_limit`` (1.0), read from what the sharpness family logged (capability ``"logged"``).
+
 Rules are evaluated at logging events (one host transfer per diagnostic); the engine says each rule once
-per cooldown. Sustained sharpness ratio > 1 needs the sharpness family's values and is not a rule here.
+per cooldown.
+
+Gradient noise scale (McCandlish et al. 2018, appendix A): B_simple = tr(Sigma) / |G|^2 from the step's
+gradient norms at two batch sizes, which the engine reads with gradient hooks inside the user's backward on
+due steps (capability ``"micro_batches"``): one micro-batch against a rank's accumulated gradient under
+gradient accumulation, else one rank's gradient against the all-reduced one; with one process and no
+accumulation there is one batch size and nothing to log (said once when ``noise_scale=True`` was asked for).
 
 Ranks: the activation diagnostics and the optimizer ones run on every rank (``runs_on = "all_ranks"``):
 attention maxima / minima and logit / activation sums are all-reduced over the ranks' batches, and
@@ -101,9 +112,9 @@ class StabilityConfig:
     Attributes:
         every: cadence of every quantity; the spike detectors log at this cadence and observe at
             ``spike_every``.
-        attention, logits, activations, update_ratio, adam, spikes, noise_scale: switch each quantity
-            (``noise_scale`` is off by default: it needs per-micro-batch or per-rank gradient norms, which
-            the engine does not offer yet).
+        attention, logits, activations, update_ratio, adam, spikes, noise_scale: switch each quantity.
+            ``noise_scale=None`` (the default) logs B_simple where the run gives two batch sizes (gradient
+            accumulation, or several ranks) and stays quiet where it does not; ``True`` says so once there.
         max_exact_seq_len: attention statistics are exact up to this many query positions; longer
             sequences are measured at this many evenly spaced query positions (first and last included).
         attention_precision: dtype of the recomputed attention logits (``"float64"`` or ``"float32"``).
@@ -127,6 +138,9 @@ class StabilityConfig:
             gradients' norm).
         spike_window: observations in the spike detector's running window.
         spike_warmup: steps before the spike detector scores anything (<= ``spike_window``).
+        sharpness_ratio_limit: with the sharpness family on, ``sharpness/ratio`` above this for
+            ``sharpness_sustain`` estimates in a row raises an alert.
+        sharpness_sustain: consecutive sharpness estimates above the limit that raise it.
     """
 
     every: int | Cadence = 10
@@ -136,7 +150,7 @@ class StabilityConfig:
     update_ratio: bool = True
     adam: bool = True
     spikes: bool = True
-    noise_scale: bool = False
+    noise_scale: bool | None = None
     max_exact_seq_len: int = MAX_EXACT_LEN
     attention_precision: Literal["float64", "float32"] = "float64"
     attention_logit_level: float = 100.0
@@ -154,13 +168,17 @@ class StabilityConfig:
     spike_every: int | Cadence = 1
     spike_window: int = 100
     spike_warmup: int = 50
+    sharpness_ratio_limit: float = 1.0
+    sharpness_sustain: int = 3
 
     def __post_init__(self) -> None:
         name = "StabilityConfig"
         object.__setattr__(self, "every", as_cadence(f"{name}.every", self.every))
         object.__setattr__(self, "spike_every", as_cadence(f"{name}.spike_every", self.spike_every))
-        for f in ("attention", "logits", "activations", "update_ratio", "adam", "spikes", "noise_scale"):
+        for f in ("attention", "logits", "activations", "update_ratio", "adam", "spikes"):
             check_bool(f"{name}.{f}", getattr(self, f))
+        if self.noise_scale is not None:
+            check_bool(f"{name}.noise_scale", self.noise_scale)
         check_int(f"{name}.max_exact_seq_len", self.max_exact_seq_len, minimum=1)
         check_choice(f"{name}.attention_precision", self.attention_precision, ("float64", "float32"))
         floats = {
@@ -168,7 +186,7 @@ class StabilityConfig:
             "attention_growth": (1.0, _BIG, True), "growth_min_logit": (0.0, _BIG, False),
             "entropy_floor": (0.0, 100.0, False), "log_z_drift": (0.0, _BIG, True),
             "update_ratio_factor": (1.0, _BIG, True), "eps_share_limit": (0.0, 1.0, True),
-            "spike_threshold": (0.0, _BIG, True),
+            "spike_threshold": (0.0, _BIG, True), "sharpness_ratio_limit": (0.0, _BIG, True),
         }
         for f, (low, high, open_low) in floats.items():
             object.__setattr__(self, f, check_float(f"{name}.{f}", getattr(self, f), low=low, high=high,
@@ -181,6 +199,7 @@ class StabilityConfig:
         check_int(f"{name}.level_warmup", self.level_warmup, minimum=1)
         if self.level_warmup > self.level_window:
             raise fail(f"{name}.level_warmup", self.level_warmup, f"an int in [1, level_window={self.level_window}]")
+        check_int(f"{name}.sharpness_sustain", self.sharpness_sustain, minimum=1)
         check_int(f"{name}.spike_window", self.spike_window, minimum=3)
         check_int(f"{name}.spike_warmup", self.spike_warmup, minimum=2)
         if self.spike_warmup > self.spike_window:
@@ -1123,40 +1142,56 @@ class GradNormSpikes(_Spikes):
 class NoiseScale(_StabilityDiagnostic):
     """Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, appendix A).
 
-    ``update(sq_norm_small, b_small, sq_norm_big, b_big)`` takes squared gradient norms at two batch sizes
-    (micro-batches and the accumulated batch, or one rank's batch and the all-reduced one); the estimates
-    are smoothed by an EMA (carried state) and ``stability/noise_scale`` is the smoothed ratio. It observes
-    only when the engine offers those norms (``ctx.batch_gradient_norms()``); otherwise it logs nothing.
+    From the step's squared gradient norms at two batch sizes b < B (``ctx.batch_gradient_norms()``, see
+    :class:`gradwatch.engine.context.BatchGradientNorms`): |G|^2 ~ (B |G_B|^2 - b |G_b|^2) / (B - b) and
+    tr(Sigma) ~ (|G_b|^2 - |G_B|^2) / (1/b - 1/B), each smoothed by a bias-corrected EMA (carried state)
+    before the ratio is taken. ``stability/noise_scale`` is the smoothed ratio (examples); the batch size at
+    which training is about as efficient in steps as in examples. ``stability/noise_scale/examples`` is B,
+    the examples behind the big gradient, to read it against.
     """
 
-    needs = frozenset({"gradients"})
+    needs = frozenset({"micro_batches"})
+    phase = "gradients_ready"
+    runs_on = "all_ranks"  # the norms are reduced over ranks, and every rank must agree on going quiet
 
     def __init__(self, config: StabilityConfig | None = None, decay: float = 0.95, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.estimator = NoiseScaleEstimator(decay)
         self.add_state("value", torch.full((), math.nan, dtype=torch.float64), dist_reduce_fx=None, persistent=True)
+        self.add_state("b_big", torch.full((), math.nan, dtype=torch.float64), dist_reduce_fx=None, persistent=True)
+        self.inactive = False
+
+    def observe_cadence(self) -> Cadence:
+        return Cadence.at(()) if self.inactive else self.config.every  # type: ignore[return-value]
 
     def observe(self, ctx: StepContext) -> None:
         self._begin_observe(ctx)
-        norms = getattr(ctx, "batch_gradient_norms", None)
-        got = norms() if callable(norms) else None
-        if got is None:
-            self._say_later("noise_scale", "gradwatch: stability: the engine offers no per-micro-batch or per-rank "
-                            "gradient norms at this step; stability/noise_scale is not logged")
-            self._flush_messages(ctx)
+        norms = ctx.batch_gradient_norms()
+        if norms is None:
+            if self.config.noise_scale:
+                ctx.say_once("stability/noise_scale", "gradwatch: stability: stability/noise_scale is not logged: "
+                             f"{getattr(ctx, 'batch_gradient_norms_reason', '') or 'one batch size only'}")
+            else:  # asked for only where possible (the default): no more hooks in this run
+                self.inactive = True
             return
-        self.update(*got)
+        self.update(norms.sq_norm_small, norms.b_small, norms.sq_norm_big, norms.b_big)
 
     def update(self, sq_norm_small: Tensor | float, b_small: float,  # type: ignore[override]
                sq_norm_big: Tensor | float, b_big: float) -> None:
         self.estimator.update(sq_norm_small, b_small, sq_norm_big, b_big)
         self.value = self.estimator.value.to(self.value.device)
+        self.b_big = torch.tensor(float(b_big), dtype=torch.float64, device=self.value.device)
 
     def compute(self) -> Results:
-        return self._results({"stability/noise_scale": self.value.clone()}, [])
+        return self._results({"stability/noise_scale": self.value.clone(),
+                              "stability/noise_scale/examples": self.b_big.clone()}, [])
 
     def failed_result(self) -> Results:
-        return self._results({}, [])  # no norms offered: nothing to log
+        return self._results({}, [])  # one batch size at this step: nothing to log
+
+    def charts(self) -> list[Chart]:
+        return [ChartGroup("stability/noise_scale", "gradient noise scale B_simple and the batch (examples)",
+                           ("stability/noise_scale", "stability/noise_scale/examples"))]
 
     def carried_state(self) -> dict[str, Any]:
         return {"estimator": self.estimator.state_dict()}
@@ -1164,6 +1199,62 @@ class NoiseScale(_StabilityDiagnostic):
     def load_carried_state(self, state: Mapping[str, Any]) -> None:
         if "estimator" in state:
             self.estimator.load_state_dict(state["estimator"])
+
+
+# ---- sustained sharpness ------------------------------------------------------------------------
+
+
+class SharpnessRatio(_StabilityDiagnostic):
+    """The sustained-sharpness rule: the sharpness family's ``sharpness/ratio`` (lambda_max over the
+    stability threshold 2/lr, or Adam's 38/lr: Cohen et al. 2021, 2022) above ``sharpness_ratio_limit`` for
+    ``sharpness_sustain`` consecutive estimates raises ``stability/sharpness_above_threshold``.
+
+    It reads what the sharpness family logged (capability ``"logged"``), so it sees each estimate once, at
+    the first of its own observations after that estimate was written. Carried state: the recent estimates.
+    """
+
+    needs = frozenset({"logged", "optimizer"})
+    phase = "step_end"
+
+    def __init__(self, config: StabilityConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.recent: list[tuple[int, float]] = []  # (step, ratio) of the last sharpness_sustain estimates
+        self.add_state("fresh", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+
+    def observe(self, ctx: StepContext) -> None:
+        self._begin_observe(ctx)
+        got = ctx.logged("sharpness/ratio")
+        if got is None or (self.recent and got[0] <= self.recent[-1][0]):
+            return
+        self.update(*got)
+
+    def update(self, step: int, ratio: float) -> None:  # type: ignore[override]
+        self.recent = (self.recent + [(int(step), float(ratio))])[-self.config.sharpness_sustain:]
+        self.fresh += 1
+
+    def compute(self) -> Results:
+        limit, k = self.config.sharpness_ratio_limit, self.config.sharpness_sustain
+        alerts: list[Alert] = []
+        ratios = [r for _, r in self.recent]
+        if len(ratios) == k and all(math.isfinite(r) and r > limit for r in ratios):
+            alerts.append(Alert(
+                rule="stability/sharpness_above_threshold", severity="warning",
+                message=(f"sharpness lambda_max has been above its stability threshold for {k} estimate(s) in a "
+                         f"row (ratio {ratios[-1]:.3g} > {_fmt(limit)}): steps of this size overshoot along the top "
+                         "Hessian direction; loss spikes or divergence often follow"),
+                evidence={"ratios": ratios, "steps": [s for s, _ in self.recent], "limit": limit, "sustain": k},
+                remedies=[_lower_lr(self.settings), "a longer learning-rate warm-up",
+                          "gradient clipping (e.g. max norm 1.0)"]))
+        return self._results({}, alerts)
+
+    def failed_result(self) -> Results:
+        return self._results({}, [])
+
+    def carried_state(self) -> dict[str, Any]:
+        return {"recent": [list(x) for x in self.recent]}
+
+    def load_carried_state(self, state: Mapping[str, Any]) -> None:
+        self.recent = [(int(s), float(r)) for s, r in state.get("recent", [])]
 
 
 # ---- the family ---------------------------------------------------------------------------------
@@ -1178,6 +1269,13 @@ def build(config: StabilityConfig, inputs: BuildInputs) -> list[Diagnostic]:
     spike detector when it observes every step, else the last of the others)."""
     model = inputs.model
     out: list[_StabilityDiagnostic] = []
+    params = _unique_params(inputs.watched)
+    # first: these two may log at fewer events than the others (one batch size: quiet; no new estimate)
+    if config.noise_scale is not False and params:
+        out.append(NoiseScale(config))
+    families = getattr(inputs.config, "families", None) or {}
+    if "sharpness" in families:
+        out.append(SharpnessRatio(config))
     attention = find_attention_modules(model) if model is not None else []
     if config.attention and attention:
         out.append(AttentionLogits([n for n, _ in attention], [k for _, k in attention], config))
@@ -1188,13 +1286,10 @@ def build(config: StabilityConfig, inputs: BuildInputs) -> list[Diagnostic]:
         blocks = find_blocks(model, [n for n, _ in attention])
         if blocks:
             out.append(ActivationRMS(blocks, config))
-    params = _unique_params(inputs.watched)
     if config.update_ratio and params:
         out.append(UpdateRatio(params, config))
     if config.adam and params:
         out.append(AdamEpsShare(params, config))
-    if config.noise_scale:
-        out.append(NoiseScale(config))
     spikes: list[_StabilityDiagnostic] = []
     if config.spikes:
         if inputs.watched:
@@ -1216,8 +1311,8 @@ FAMILY = Family(key="stability", stem="stability", config_class=StabilityConfig,
                         "share, loss and gradient spikes, with alerts",
                 knobs=("max_exact_seq_len", "attention_logit_level", "attention_growth", "entropy_floor",
                        "log_z_drift", "update_ratio_factor", "spike_threshold", "spike_every", "spike_window",
-                       "spike_warmup"))
+                       "spike_warmup", "sharpness_ratio_limit"))
 
 __all__ = ["FAMILY", "ActivationRMS", "AdamEpsShare", "AlertBoard", "AttentionLogits", "GradNormSpikes", "LossSpikes",
-           "NoiseScale", "OutputLogits", "StabilityConfig", "UpdateRatio", "build", "find_attention_modules",
+           "NoiseScale", "OutputLogits", "SharpnessRatio", "StabilityConfig", "UpdateRatio", "build", "find_attention_modules",
            "find_blocks", "find_logits_module"]

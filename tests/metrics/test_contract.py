@@ -190,6 +190,7 @@ class Run:
         total = torch.zeros((), device=self.device)
         for micro in range(2):
             rows = (torch.arange(BATCH) + BATCH * (2 * t + micro)) % len(x)
+            w.on_micro_batch((x[rows], y[rows]))
             loss = torch.nn.functional.cross_entropy(self.model(x[rows].to(self.device)), y[rows].to(self.device))
             (loss / 2).backward()
             total += loss.detach() / 2

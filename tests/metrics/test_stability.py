@@ -145,16 +145,19 @@ def test_build_order_and_one_alert_flag() -> None:
     watched = [SimpleNamespace(param_name=n, tag=n, family=n) for n, p in model.named_parameters() if p.dim() == 2]
     diags = build(StabilityConfig(noise_scale=True), BuildInputs(config=None, watched=watched, model=model))
     kinds = [type(d) for d in diags]
-    assert kinds == [AttentionLogits, OutputLogits, ActivationRMS, UpdateRatio, AdamEpsShare, NoiseScale,
+    assert kinds == [NoiseScale, AttentionLogits, OutputLogits, ActivationRMS, UpdateRatio, AdamEpsShare,
                      GradNormSpikes, LossSpikes]
     assert [d.emits_flag for d in diags] == [False] * 7 + [True]
     assert len({id(d.board) for d in diags}) == 1
     assert all(d.stem == "stability" and isinstance(d, Diagnostic) for d in diags)
     assert {d.phase for d in diags if isinstance(d, (UpdateRatio, AdamEpsShare, LossSpikes))} == {"step_end"}
-    assert diags[0].needs >= {"activations"} and diags[3].needs >= {"weights_before"}
+    assert diags[1].needs >= {"activations"} and diags[4].needs >= {"weights_before"}
     none = build(StabilityConfig(attention=False, logits=False, activations=False, update_ratio=False, adam=False,
-                                 spikes=False), BuildInputs(config=None, watched=watched, model=model))
+                                 spikes=False, noise_scale=False), BuildInputs(config=None, watched=watched, model=model))
     assert none == []
+    default = build(StabilityConfig(attention=False, logits=False, activations=False, update_ratio=False, adam=False,
+                                    spikes=False), BuildInputs(config=None, watched=watched, model=model))
+    assert [type(d) for d in default] == [NoiseScale]  # on by default, quiet where there is one batch size
 
 
 def test_alert_board() -> None:
@@ -408,11 +411,16 @@ def test_grad_norm_spikes_observe() -> None:
 def test_noise_scale_logs_only_when_offered() -> None:
     d = NoiseScale()
     said: list = []
-    d.observe(SimpleNamespace(step=1, say_once=lambda k, m: said.append(m)))
-    assert d._update_count == 0 and len(said) == 1 and isinstance(d.failed_result(), Results)
-    d.observe(SimpleNamespace(step=2, say_once=lambda k, m: None,
-                              batch_gradient_norms=lambda: (T(3.0 + 40 / 4), 4, T(3.0 + 40 / 32), 32)))
-    assert d.compute().scalars["stability/noise_scale"].item() == pytest.approx(40 / 3)
+    d.observe(SimpleNamespace(step=1, say_once=lambda k, m: said.append(m), batch_gradient_norms=lambda: None))
+    assert d._update_count == 0 and not said and d.inactive  # the default: quiet, and no more hooks
+    asked = NoiseScale(StabilityConfig(noise_scale=True))
+    asked.observe(SimpleNamespace(step=1, say_once=lambda k, m: said.append(m), batch_gradient_norms=lambda: None,
+                                  batch_gradient_norms_reason="one batch size"))
+    assert asked._update_count == 0 and len(said) == 1 and not asked.inactive and isinstance(asked.failed_result(), Results)
+    norms = SimpleNamespace(sq_norm_small=T(3.0 + 40 / 4), b_small=4, sq_norm_big=T(3.0 + 40 / 32), b_big=32)
+    asked.observe(SimpleNamespace(step=2, say_once=lambda k, m: None, batch_gradient_norms=lambda: norms))
+    res = asked.compute().scalars
+    assert res["stability/noise_scale"].item() == pytest.approx(40 / 3) and res["stability/noise_scale/examples"] == 32
 
 
 # ---- several ranks ------------------------------------------------------------------------------
