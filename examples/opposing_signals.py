@@ -63,22 +63,24 @@ def planted_data(n: int = 4096, dim: int = 8, strength: float = 16.0, group: flo
 
 
 def digits() -> TensorDataset:
-    """scikit-learn's digits: 1,797 8x8 images, pixels scaled to [0, 1], labels 0-9."""
+    """scikit-learn's digits: 1,797 8x8 images (1 x 8 x 8, so the pairs table's examples are drawn as
+    thumbnails in ``signals/pair_examples``), pixels scaled to [0, 1], labels 0-9."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return TensorDataset(torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target))
+    pixels = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    return TensorDataset(pixels, torch.tensor(d.target))
 
 
 class Classifier(L.LightningModule):
-    """An MLP classifier, cross-entropy, plain SGD."""
+    """An MLP classifier (inputs flattened first), cross-entropy, plain SGD."""
 
     def __init__(self, sizes: Sequence[int], lr: float) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for i, (m, k) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers += [nn.Linear(m, k)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(nn.Flatten(), *layers)
         self.lr = lr
 
     def forward(self, x: Tensor) -> Tensor:

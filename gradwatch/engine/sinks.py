@@ -21,6 +21,7 @@ class Emission:
         records: file stem -> rows (``<stem>.jsonl`` in the run directory).
         texts: tag -> markdown.
         alerts: the alerts that passed the once-per-rule policy at this step.
+        images: tag -> (C, H, W) float array in [0, 1].
     """
 
     scalars: Mapping[str, float] = field(default_factory=dict)
@@ -28,6 +29,7 @@ class Emission:
     records: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
     texts: Mapping[str, str] = field(default_factory=dict)
     alerts: Sequence[Alert] = ()
+    images: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class Sink(Protocol):

@@ -364,7 +364,8 @@ class Watcher:
             vectors={k: v.detach().double().cpu().numpy() for r in results for k, v in r.vectors.items()},
             records={k: list(v) for r in results for k, v in r.records.items()},
             texts={k: v for r in results for k, v in r.texts.items()},
-            alerts=alerts)
+            alerts=alerts,
+            images={k: v.detach().float().clamp(0, 1).cpu().numpy() for r in results for k, v in r.images.items()})
         for sink in self.sinks:
             sink.write(step, emission)
             sink.flush()

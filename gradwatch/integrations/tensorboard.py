@@ -110,6 +110,8 @@ class TensorBoardSink:
                 self.writer.add_histogram(tag, finite, step)
         for tag, text in emission.texts.items():
             self.writer.add_text(tag, text, step)
+        for tag, image in emission.images.items():
+            self.writer.add_image(tag, image, step, dataformats="CHW")
         for alert in emission.alerts:
             self.writer.add_text("gradwatch/alerts", alert_markdown(alert), step)
         self._record_heatmaps(step, emission.scalars)

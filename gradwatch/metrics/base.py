@@ -42,7 +42,7 @@ Ranks: every rank enters the engine. ``runs_on = "rank_zero"`` diagnostics obser
 the same result on every rank (rank zero's is written). A failure on any rank is decided together.
 
 Results (:class:`Results`): scalars (0-d tensors, stacked for one device-to-host transfer), vectors
-(histograms), records (rows for ``<name>.jsonl`` in the run directory), texts, and :class:`Alert`\\ s
+(histograms), records (rows for ``<name>.jsonl`` in the run directory), texts, images, and :class:`Alert`\\ s
 (once per rule with a cooldown; an optional user ``on_alert``; raised in strict mode). Chart hints
 (:class:`ChartGroup`, :class:`Heatmap`) are neutral; the TensorBoard sink turns them into custom-scalar
 layouts and images.
@@ -146,6 +146,7 @@ class Results:
         records: file stem -> rows; each row becomes one JSON line of ``<stem>.jsonl`` in the run directory.
         texts: tag -> markdown, written as TensorBoard text.
         alerts: raised this interval.
+        images: tag -> (C, H, W) tensor with values in [0, 1] (C = 1 or 3), written as TensorBoard images.
     """
 
     scalars: Mapping[str, Tensor] = field(default_factory=dict)
@@ -153,6 +154,7 @@ class Results:
     records: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
     texts: Mapping[str, str] = field(default_factory=dict)
     alerts: Sequence[Alert] = ()
+    images: Mapping[str, Tensor] = field(default_factory=dict)
 
     @staticmethod
     def of(value: Results | Mapping[str, Tensor]) -> Results:

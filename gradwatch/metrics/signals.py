@@ -46,6 +46,7 @@ from gradwatch.functional.signals import (
     find_opposing_signals,
     gradient_cosine,
 )
+from gradwatch.functional.thumbnails import as_image, thumbnail_grid
 from gradwatch.metrics.base import Alert, ChartGroup, Diagnostic, Results, StepContext
 from gradwatch.registry import BuildInputs, Family
 
@@ -197,7 +198,7 @@ def _label(example: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    """A short text for a probe example when no ``decode`` is given (images: shape only for now)."""
+    """A short text for a probe example when no ``decode`` is given (pictures are drawn, see ``_pictures``)."""
     if isinstance(value, Mapping):
         if "input_ids" in value:
             ids = value["input_ids"]
@@ -460,7 +461,10 @@ class OpposingSignals(Diagnostic):
         scalars = {t: torch.tensor(v, dtype=torch.float64, device=device) for t, v in zip(TAGS, values)}
         records = [self._record(r) for r in rows if r.changes > 0]
         texts = {"signals/pairs": self._table(last)} if last.changes > 0 else {}
-        return Results(scalars=scalars, records={"signals": records}, texts=texts, alerts=self._alerts(rows))
+        grid = self._pictures(last) if last.changes > 0 else None
+        images = {"signals/pair_examples": grid[0]} if grid is not None else {}
+        return Results(scalars=scalars, records={"signals": records}, texts=texts, alerts=self._alerts(rows),
+                       images=images)
 
     def _record(self, row: _Row) -> dict[str, Any]:
         alarm = self.config.alarm
@@ -513,7 +517,10 @@ class OpposingSignals(Diagnostic):
             return f"step {row.step}: {len(row.outliers)} outliers, no opposing pair"
         current = dict(zip(self._indices, self._losses[-1].tolist())) if len(self._steps) and \
             self._steps[-1] == row.step else {}
-        lines = [f"step {row.step}: {len(row.pairs)} opposing pair(s), alarm at score >= {self.config.alarm:g}",
+        pictures = self._pictures(row)
+        where = pictures[1] if pictures is not None else {}
+        lines = [f"step {row.step}: {len(row.pairs)} opposing pair(s), alarm at score >= {self.config.alarm:g}"
+                 + ("; the examples are pictured in the image signals/pair_examples (a row per side)" if where else ""),
                  "", "| pair | score | side | dataset index | label | loss | example |",
                  "|---|---|---|---|---|---|---|"]
         for n, p in enumerate(row.pairs[:MAX_PAIRS_SHOWN], 1):
@@ -526,16 +533,38 @@ class OpposingSignals(Diagnostic):
                     lines.append(f"| {n if k == 0 else ''} | {head if k == 0 and side == 'a' else ''} | "
                                  f"{side} ({len(members)})" + " | " +
                                  f"{idx} | {_cell(_label(ex)) if ex is not None else ''} | "
-                                 f"{'' if loss is None else f'{loss:.4g}'} | {_cell(self._show(ex))} |")
+                                 f"{'' if loss is None else f'{loss:.4g}'} | {_cell(self._show(ex, where.get(idx)))} |")
                 if len(members) > MAX_EXAMPLES_SHOWN:
                     lines.append(f"| | | {side} | … {len(members) - MAX_EXAMPLES_SHOWN} more | | | |")
         if len(row.pairs) > MAX_PAIRS_SHOWN:
             lines.append(f"\n{len(row.pairs) - MAX_PAIRS_SHOWN} weaker pair(s) in signals.jsonl")
         return "\n".join(lines)
 
-    def _show(self, example: Any) -> str:
+    def _pictures(self, row: _Row) -> tuple[Tensor, dict[int, tuple[int, int]]] | None:
+        """The thumbnails of the shown pairs' examples when they are pictures: a grid with one row per side
+        (pair 1 a, pair 1 b, pair 2 a, ...), and where each dataset index sits in it (row, column; 1-based)."""
+        shown = (row.pairs or [])[:MAX_PAIRS_SHOWN]
+        rows: list[list[Tensor]] = []
+        where: dict[int, tuple[int, int]] = {}
+        for p in shown:
+            for members in (p.a, p.b):
+                pictures = []
+                for idx in members[:MAX_EXAMPLES_SHOWN]:
+                    picture = as_image(self._examples.get(idx))
+                    if picture is None:
+                        return None  # not pictures: the table's text is all there is
+                    pictures.append(picture)
+                    where.setdefault(idx, (len(rows) + 1, len(pictures)))
+                rows.append(pictures)
+        return (thumbnail_grid(rows), where) if rows else None
+
+    def _show(self, example: Any, pictured: tuple[int, int] | None = None) -> str:
         if example is None:
             return ""
+        if pictured is not None and self._decode is None:
+            picture = as_image(example)
+            shape = "x".join(map(str, picture.shape)) if picture is not None else ""
+            return f"picture {shape}: signals/pair_examples row {pictured[0]}, column {pictured[1]}"
         if self._decode is not None:
             try:
                 return str(self._decode(example))

@@ -90,8 +90,10 @@ def test_sink_with_own_writer_writes_scalars_image_text(tmp_path: Any) -> None:
                ChartGroup("grad_spectrum/nuclear_norm", "nuclear_norm | a.*.w", ("grad_spectrum/nuclear_norm/a.0.w",))])
     sink.write(1, Emission(scalars={"grad_spectrum/nuclear_norm/a.0.w": 1.5, "gradwatch/overhead": 0.01}))
     alert = Alert("toy/rule", "warning", "something grew", {"value": 3.5}, ["lower lr from 1e-2"], step=3)
+    picture = np.linspace(0.0, 1.0, 3 * 4 * 5).reshape(3, 4, 5)
     sink.write(3, Emission(scalars={"grad_spectrum/nuclear_norm/a.0.w": 2.25}, texts={"gradwatch/note": "hello"},
-                           vectors={"toy/losses": np.array([1.0, 2.0, np.nan])}, alerts=[alert]))
+                           vectors={"toy/losses": np.array([1.0, 2.0, np.nan])}, alerts=[alert],
+                           images={"toy/picture": picture}))
     values = np.array([[1.0, 10.0], [100.0, np.nan]])
     import gradwatch.integrations.figures as figures
     real = figures.heatmap_figure
@@ -118,6 +120,10 @@ def test_sink_with_own_writer_writes_scalars_image_text(tmp_path: Any) -> None:
 
     decoded = np.asarray(Image.open(BytesIO(images[0].encoded_image_string)).convert("RGB")).transpose(2, 0, 1)
     np.testing.assert_array_equal(decoded, heatmap_image(values, log_scale=True))  # lossless PNG of our image
+    (pic,) = ea.Images("toy/picture")  # an Emission's images: (C, H, W) in [0, 1], as 8-bit PNG
+    assert (pic.step, pic.height, pic.width) == (3, 4, 5)
+    decoded = np.asarray(Image.open(BytesIO(pic.encoded_image_string)).convert("RGB")).transpose(2, 0, 1)
+    assert np.abs(decoded / 255.0 - picture).max() <= 1 / 255 + 1e-9
     texts = {t: ea.Tensors(t) for t in ea.Tags()["tensors"]}
     heat_text = texts["grad_spectrum/heatmap/nuclear_norm/text_summary"][0].tensor_proto.string_val[0].decode()
     assert "a.1.w" in heat_text and "1..3" in heat_text and "log10" in heat_text

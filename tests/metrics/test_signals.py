@@ -81,13 +81,25 @@ def probe_of(dataset: TensorDataset, size: int = 256) -> ProbeSet:
     return ProbeSet.from_dataset(dataset, size, seed=0, device=torch.device("cpu"))
 
 
+def as_pictures(data: TensorDataset) -> TensorDataset:
+    """The planted features as 1 x 4 x 4 pictures (zero-padded to 16 pixels)."""
+    x, y = data.tensors
+    return TensorDataset(F.pad(x, (0, 16 - x.shape[1])).reshape(-1, 1, 4, 4), y)
+
+
 def train_and_observe(steps: int, metric: OpposingSignals, *, strength: float = 16.0, n: int = 4096,
-                      world: int = 1) -> dict[str, Any]:
+                      world: int = 1, pictures: bool = False) -> dict[str, Any]:
     """SGD (lr 0.5, batch 512) on the planted data; after each step the metric observes and is computed and
     reset, as the engine does with the default log cadence. With ``world`` > 1, as many copies of the metric
-    observe as ranks (threads), each on its block of the probe."""
+    observe as ranks (threads), each on its block of the probe. With ``pictures``, the examples are 1 x 4 x 4
+    pictures and the model flattens them first."""
     data, a, b = planted(n, strength=strength)
-    model, probe = mlp(), probe_of(data)
+    model = mlp()
+    if pictures:
+        data = as_pictures(data)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
+    probe = probe_of(data)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     gen = torch.Generator().manual_seed(1)
     metrics = [metric] + [copy.deepcopy(metric) for _ in range(world - 1)]
@@ -387,6 +399,33 @@ def test_planted_run_pairs_table(planted_run: dict[str, Any]) -> None:
     for idx in top["a"][:8]:
         assert f"| {idx} | {labels[idx]} |" in text
     assert "[16, " in text  # the example's values, the shortcut feature first
+
+
+def test_picture_examples_are_drawn_as_thumbnails_a_row_per_side() -> None:
+    from gradwatch.functional.thumbnails import thumbnail
+
+    run = train_and_observe(20, OpposingSignals(SignalsConfig(every=1, probe_size=256, window=10)), pictures=True)
+    res = next(r[0] for r in reversed(run["results"]) if r[0].records["signals"][-1]["pairs"])
+    pairs = res.records["signals"][-1]["pairs"][:3]
+    grid = res.images["signals/pair_examples"]
+    sides = [side for p in pairs for side in (p["a"][:8], p["b"][:8])]
+    size, pad = 32, 2
+    assert grid.shape == (3, pad + len(sides) * (size + pad), pad + max(map(len, sides)) * (size + pad))
+    assert 0.0 <= float(grid.min()) and float(grid.max()) <= 1.0
+    probe = run["probe"]
+    examples = dict(zip(probe.indices, probe.examples))
+    for r, side in enumerate(sides):  # each thumbnail is the example's own picture, where the table says it is
+        for c, idx in enumerate(side):
+            top, left = pad + r * (size + pad), pad + c * (size + pad)
+            torch.testing.assert_close(grid[:, top:top + size, left:left + size], thumbnail(examples[idx][0], size))
+    text = res.texts["signals/pairs"]
+    first = pairs[0]["a"][0]
+    assert "signals/pair_examples" in text.splitlines()[0]
+    assert f"| {first} | " in text and "picture 1x4x4: signals/pair_examples row 1, column 1" in text
+
+
+def test_examples_that_are_not_pictures_get_no_image(planted_run: dict[str, Any]) -> None:
+    assert all("signals/pair_examples" not in r[0].images for r in planted_run["results"])
 
 
 def test_observe_is_observe_only() -> None:
