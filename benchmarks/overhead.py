@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=20, help="steps of the untimed warm-up pair")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nothing-due", action="store_true",
+                        help="every chosen family (and each of its *_every cadences) runs at step 1 only: what the "
+                             "steps with nothing due cost")
     parser.add_argument("--families", default="spectra",
                         help="comma-separated families switched on at their default settings (default: spectra, "
                              "i.e. GradWatch() as it comes); e.g. spectra,signals,stability")
@@ -126,6 +129,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not chosen or any(f not in known for f in chosen):
         parser.error(f"--families expected a comma-separated subset of {known}, got {args.families!r}")
     FAMILIES.update({key: key in chosen for key in known})
+    if args.nothing_due:
+        import dataclasses
+
+        from gradwatch.config import Cadence
+
+        for f in families():
+            if FAMILIES[f.key]:
+                cfg = f.config_class()
+                FAMILIES[f.key] = dataclasses.replace(cfg, **{x.name: Cadence.at([1]) for x in dataclasses.fields(cfg)
+                                                              if x.name == "every" or x.name.endswith("_every")})
     for flag in ("steps", "pairs", "batch", "seq", "vocab"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
@@ -153,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"model: {kind} ({n_params / 1e6:.2f}M parameters), synthetic tokens, batch {args.batch} x {args.seq}, "
           f"vocab {args.vocab}, AdamW; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    cadences = ", ".join(f"{f.key} every {f.config_class().every!r}" for f in families() if FAMILIES[f.key])
+    cadences = ", ".join(f"{f.key} every {getattr(FAMILIES[f.key], 'every', f.config_class().every)!r}"
+                         for f in families() if FAMILIES[f.key])
     print(f"gradwatch: GradWatch({', '.join(f'{k}={v}' for k, v in FAMILIES.items())}) at default settings "
           f"({cadences}; TensorBoardLogger shared)")
 
@@ -170,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             assert cb is not None
             same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
             rows.append((base_s, gw_s, gw_s / base_s, base_c, gw_c, gw_c / base_c, cb.watcher.overhead(), same))
-            print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s", flush=True)
+            runs = {cb.watcher._key(j).split(":", 2)[2]: b["runs"] for j, b in cb.watcher._budgeted.items()}
+            print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; postponed steps "
+                  f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else ""), flush=True)
 
     print(f"\nsteps {args.steps}, {args.pairs} pairs (baseline, gradwatch alternating); wall = time of trainer.fit, "
           "cpu = process CPU time of trainer.fit (all threads); median over pairs")

@@ -52,7 +52,8 @@ class Cadence:
     """
 
     def __init__(self, *, every: int | None = None, first: bool = True, per_decade: int | None = None,
-                 steps: Iterable[int] = (), _parts: tuple[Cadence, ...] = ()) -> None:
+                 steps: Iterable[int] = (), _parts: tuple[Cadence, ...] = (), _budgeted: int | None = None) -> None:
+        self._budgeted = None if _budgeted is None else check_int("minimum", _budgeted, minimum=1)
         self._every = None if every is None else check_int("every", every, minimum=1)
         self._first = bool(first)
         self._per_decade = None if per_decade is None else check_int("per_decade", per_decade, minimum=1)
@@ -77,15 +78,29 @@ class Cadence:
         """Due at exactly these steps."""
         return cls(steps=steps)
 
+    @classmethod
+    def within_budget(cls, minimum: int = 1) -> Cadence:
+        """As often as the overhead budget allows: due at step 1, then every k >= ``minimum`` steps, where the
+        engine picks k from this diagnostic's measured cost and the training step's own time so that the
+        diagnostic takes at most its share of ``max_overhead`` (see ``Watcher.budgeted_period``)."""
+        return cls(_budgeted=check_int("minimum", minimum, minimum=1))
+
+    @property
+    def budgeted_minimum(self) -> int | None:
+        """``minimum`` of a :meth:`within_budget` cadence; None for the others."""
+        return self._budgeted
+
     def __or__(self, other: Cadence) -> Cadence:
         if not isinstance(other, Cadence):
             return NotImplemented
+        if self._budgeted is not None or other._budgeted is not None:
+            raise ValueError("gradwatch: Cadence.within_budget() cannot be combined with another cadence")
         return Cadence(_parts=(self, other))
 
     def _key(self) -> tuple:
         # `first` only matters for an every-n cadence
         return (self._every, self._first if self._every is not None else True, self._per_decade, self._steps,
-                self._parts)
+                self._parts, self._budgeted)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Cadence):
@@ -99,6 +114,8 @@ class Cadence:
         """Whether the diagnostic runs at optimizer step ``step`` (1-based)."""
         if self._parts:
             return any(p.is_due(step) for p in self._parts)
+        if self._budgeted is not None:  # the engine spaces the later runs (Watcher.budgeted_period)
+            return step == 1
         if step in self._steps:
             return True
         if self._every is not None and (step % self._every == 0 or (self._first and step == 1)):
@@ -114,6 +131,8 @@ class Cadence:
     def __repr__(self) -> str:
         if self._parts:
             return " | ".join(repr(p) for p in self._parts)
+        if self._budgeted is not None:
+            return f"Cadence.within_budget(minimum={self._budgeted})"
         bits = []
         if self._every is not None:
             bits.append(f"Cadence.every({self._every}{'' if self._first else ', first=False'})")

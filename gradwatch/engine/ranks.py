@@ -65,6 +65,14 @@ class Ranks:
         """Element-wise: whether the flag is set on any rank (decisions taken together)."""
         return self.all_reduce(flags.to(torch.int32), "max").bool() if self.distributed else flags.bool()
 
+    def flags_from_zero(self, flags: list[bool]) -> list[bool]:
+        """Rank zero's ``flags``, on every rank (one broadcast)."""
+        if not self.distributed or not flags:
+            return list(flags)
+        t = torch.tensor([int(f) for f in flags], device=self._device())
+        torch.distributed.broadcast(t, src=0)
+        return [bool(v) for v in t.tolist()]
+
     def from_zero(self, value: bool) -> bool:
         """Rank zero's ``value``, on every rank."""
         if not self.distributed:

@@ -17,6 +17,7 @@ It never writes ``.grad``, parameters, buffers, the optimizer or the user's RNG 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from gradwatch.metrics.base import Alert, ChartGroup, Diagnostic, Results, tenso
 from gradwatch.registry import BuildInputs, families
 
 STATE_VERSION = 2
+BUDGETED_SHARE_WITHOUT_BUDGET = 0.05  # what a Cadence.within_budget() diagnostic aims at when max_overhead is off
 
 
 class GradWatchError(RuntimeError):
@@ -86,6 +88,7 @@ class Watcher:
         self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
         self._wall_start: float | None = None
         self._warmed: set[int] = set()
+        self._budgeted: dict[int, dict[str, Any]] = {}  # Cadence.within_budget() diagnostics: last run, cost, period
         # the step in flight
         self._step: int | None = None
         self._running: list[int] = []
@@ -170,7 +173,9 @@ class Watcher:
         self._step = step
         self._skipped = False
         self._weights_before = None
-        due = {i for i, d in enumerate(self.diagnostics) if d.observe_cadence().is_due(step)}
+        due = {i for i, d in enumerate(self.diagnostics) if d.observe_cadence().budgeted_minimum is None
+               and d.observe_cadence().is_due(step)}
+        due |= self._budgeted_due(step)
         self._pending |= due
         self._running = []
         if self._pending:
@@ -301,9 +306,12 @@ class Watcher:
             except Exception as exc:  # a diagnostic never kills training unless strict
                 failed[k] = True
                 self._fail(i, exc)
+            seconds = self.clock() - t0
+            if i in self._budgeted:
+                self._note_cost(i, seconds)
             if i not in self._warmed:
                 self._warmed.add(i)
-                self._warmup_seconds += self.clock() - t0
+                self._warmup_seconds += seconds
         if self.ranks.distributed:  # a failure on one rank is a failure on all: nobody waits for it later
             mine = failed.clone()
             failed = self.ranks.any(failed)
@@ -451,6 +459,61 @@ class Watcher:
             return False
         return self._budgeted_share() > budget
 
+    # ---- budgeted cadences (Cadence.within_budget) -----------------------------------------------
+
+    def _budgeted_due(self, step: int) -> set[int]:
+        """The ``within_budget`` diagnostics due at ``step``, decided by rank zero for every rank."""
+        ids = [i for i, d in enumerate(self.diagnostics) if d.observe_cadence().budgeted_minimum is not None]
+        if not ids:
+            return set()
+        flags = []
+        for i in ids:
+            b = self._budgeted.setdefault(i, {"last": None, "cost": None, "runs": 0, "period": None})
+            minimum = self.diagnostics[i].observe_cadence().budgeted_minimum
+            assert minimum is not None
+            if b["last"] is None:
+                flags.append(True)  # the first run of this run (step 1, or the first step after a resume)
+                continue
+            gap = step - b["last"]
+            if gap < minimum:
+                flags.append(False)
+                continue
+            if b["period"] is None:  # fixed for this interval, from at least `minimum` steps of training time
+                b["period"] = self.budgeted_period(i, minimum, len(ids))
+            flags.append(gap >= b["period"])
+        flags = self.ranks.flags_from_zero(flags)
+        for i, f in zip(ids, flags):
+            if f:
+                self._budgeted[i]["last"] = step
+        return {i for i, f in zip(ids, flags) if f}
+
+    def budgeted_period(self, i: int, minimum: int, count: int) -> int:
+        """Steps between two runs of the ``within_budget`` diagnostic ``i``: the smallest k >= ``minimum`` with
+        cost / (k * step) <= share, where cost is its measured seconds per run (the second run's, then an
+        exponential average: the first run carries one-off costs), step the training's own seconds per step
+        (wall time since attach less gradwatch's, over the steps taken) and share = max_overhead / (count + 1)
+        for ``count`` such diagnostics (the rest of the budget is left to fixed cadences; 5% when
+        max_overhead is off). A period within 25% of the previous one keeps the previous one, so the runs
+        stay evenly spaced."""
+        b = self._budgeted[i]
+        wall = self.clock() - (self._wall_start or 0.0)
+        step_seconds = (wall - self._engine_seconds) / max(self.steps_seen, 1)
+        budget = self.config.max_overhead or BUDGETED_SHARE_WITHOUT_BUDGET
+        share = budget / (count + 1)
+        cost = b["cost"] or 0.0
+        period = minimum if step_seconds <= 0 or cost <= 0 else max(minimum, math.ceil(cost / (share * step_seconds)))
+        old = b.get("previous")
+        if old is not None and 0.8 * old <= period <= 1.25 * old:
+            period = old
+        b["previous"] = period
+        return period
+
+    def _note_cost(self, i: int, seconds: float) -> None:
+        b = self._budgeted[i]
+        b["runs"] += 1
+        b["cost"] = seconds if b["runs"] <= 2 or b["cost"] is None else 0.7 * b["cost"] + 0.3 * seconds
+        b["period"] = None
+
     # ---- probe --------------------------------------------------------------------------------
 
     def probe_size(self) -> int:
@@ -513,6 +576,7 @@ class Watcher:
             "sinks": [s.state_dict() for s in self.sinks],
             "pending": sorted(self._pending),
             "alert_last": dict(self._alert_last),
+            "budgeted": {self._key(i): {k: v for k, v in b.items() if k != "period"} for i, b in self._budgeted.items()},
             "steps_seen": self.steps_seen,
             "skipped_steps": self.skipped_steps,
             "postponed_steps": self.postponed_steps,
@@ -548,6 +612,9 @@ class Watcher:
             sink.load_state_dict(s)
         self._pending = set(state.get("pending", []))
         self._alert_last = dict(state.get("alert_last", {}))
+        keys = {self._key(i): i for i in range(len(self.diagnostics))}
+        self._budgeted = {keys[k]: {**dict(b), "period": None} for k, b in state.get("budgeted", {}).items()
+                          if k in keys}
         self.steps_seen = int(state.get("steps_seen", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.postponed_steps = int(state.get("postponed_steps", 0))

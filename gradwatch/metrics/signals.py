@@ -63,7 +63,11 @@ class SignalsConfig:
     """Opposing signals (family ``signals``, Rosenfeld and Risteski 2023), on the shared probe set.
 
     Attributes:
-        every: cadence of the probe steps (one forward pass over the probe set each).
+        every: cadence of the probe steps (one forward pass over the probe set each). The default,
+            ``Cadence.within_budget(minimum=10)``, probes at step 1 and then as often as the overhead budget
+            allows, at most every 10 steps: the engine measures a probe step against a training step (about
+            ``probe_size / batch`` forwards against one forward and backward) and spaces them evenly. Give an
+            int (``every=10``) for a fixed cadence.
         window: loss changes kept (``window + 1`` probe steps), 5..1000; groups and pairs are read from the
             change series over this window (pairs once it holds at least 5 changes).
         alarm: pair score in (0, 1] from which a pair raises the alarm (``signals/alarm``, an alert). The
@@ -83,7 +87,7 @@ class SignalsConfig:
             decode of its ``input_ids``); None: a short description of its tensors.
     """
 
-    every: int | Cadence = 25
+    every: int | Cadence = Cadence.within_budget(minimum=10)
     window: int = 20
     alarm: float = 0.6
     probe_size: int = 512

@@ -149,7 +149,7 @@ def scalars(res: Results) -> dict[str, float]:
 
 def test_config_defaults_and_the_family() -> None:
     cfg = SignalsConfig()
-    assert isinstance(cfg.every, Cadence) and cfg.every.is_due(25) and not cfg.every.is_due(26)
+    assert cfg.every == Cadence.within_budget(minimum=10) and cfg.every.budgeted_minimum == 10
     assert (cfg.window, cfg.alarm, cfg.probe_size, cfg.z_cut, cfg.rho) == (20, 0.6, 512, 3.5, 0.8)
     assert (FAMILY.key, FAMILY.stem, FAMILY.config_class, FAMILY.default_on) == ("signals", "signals", SignalsConfig, False)
     assert FAMILY.knobs == ("window", "alarm", "probe_size")
