@@ -53,9 +53,12 @@ _GENERAL_KNOBS = (
 )
 
 
+DEFAULT_CADENCE = -1  # `<key>_every = -1`: the family on at its config's own default cadence
+
+
 def _default_every(cls: type) -> int:
     default = {f.name: f for f in dataclasses.fields(cls)}["every"].default
-    return default if isinstance(default, int) else 0
+    return default if isinstance(default, int) else DEFAULT_CADENCE
 
 
 def _scalar_type(value: Any) -> type | None:
@@ -71,7 +74,8 @@ def knobs() -> list[Knob]:
     for fam in families():
         every = _default_every(fam.config_class)
         out.append(Knob(f"{fam.key}_every", int, every if fam.default_on else 0,
-                        f"{fam.summary or fam.key} every N steps (0: off)", family=fam.key, field="every"))
+                        f"{fam.summary or fam.key} every N steps (0: off; -1: its default cadence, "
+                        f"{fam.config_class().every!r})", family=fam.key, field="every"))
         fields = {f.name: f for f in dataclasses.fields(fam.config_class)}
         for name in fam.knobs:
             f = fields[name]
@@ -121,12 +125,13 @@ def config_from_knobs(values: Mapping[str, Any], base: Mapping[str, Any] | None 
     options["max_overhead"] = get("max_overhead") or None
     for fam in families():
         every = get(f"{fam.key}_every")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"gradwatch: knob `{fam.key}_every` expected an int >= 0 (0: off), got {every!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < DEFAULT_CADENCE:
+            raise ValueError(f"gradwatch: knob `{fam.key}_every` expected an int >= -1 (0: off, -1: the family's "
+                             f"default cadence), got {every!r}")
         if not every:
             options[fam.key] = False
             continue
-        fields: dict[str, Any] = {"every": every}
+        fields: dict[str, Any] = {} if every == DEFAULT_CADENCE else {"every": every}
         for name in fam.knobs:
             knob = table[f"{fam.key}_{name}"]
             if knob.name in values:

@@ -29,6 +29,14 @@ restored to these private fields:
 - on each ``FSDPParamGroup`` of the state: ``post_forward_mesh_info`` (reshard after forward),
   ``reshard_after_backward``, ``reduce_grads`` and ``all_reduce_grads`` (gradient sync).
 
+A forward inside the block still runs FSDP's post-forward hook, which appends to the per-iteration records
+of forward order that the next backward's prefetching reads: ``FSDPCommContext.post_forward_order`` (the
+state's ``_comm_ctx``) and each param group's ``_post_forward_indices``; only a backward's final callback
+clears them. Left behind, they make the next training backward issue an extra all-gather on the ranks that
+ran an extra forward, and a rank that ran none (an empty probe block, a confirmation pass it sat out) waits
+in a different collective: a deadlock (seen on 2 gloo ranks). So both records are saved on entry and put back
+exactly on exit.
+
 If the block raises mid-forward, the modules entered are left in FSDP's "forward" state, where ``reshard()``
 returns without resharding (reshard-after-forward is off inside the block): the next training forward would
 then run on the stale unsharded parameters while the optimizer steps the sharded ones, and one rank would skip
@@ -110,6 +118,26 @@ def _save_settings(mods: list[nn.Module]) -> list[tuple[Any, dict[str, Any], lis
     return saved
 
 
+def _save_forward_order(mods: list[nn.Module]) -> list[tuple[list[Any], list[Any]]]:
+    """The per-iteration forward-order records (see the module docstring), each with a copy of its contents."""
+    records: dict[int, list[Any]] = {}
+    for m in mods:
+        state = m._get_fsdp_state()  # type: ignore[operator]
+        order = getattr(getattr(state, "_comm_ctx", None), "post_forward_order", None)
+        if isinstance(order, list):
+            records[id(order)] = order
+        for pg in _param_groups(state):
+            indices = getattr(pg, "_post_forward_indices", None)
+            if isinstance(indices, list):
+                records[id(indices)] = indices
+    return [(record, list(record)) for record in records.values()]
+
+
+def _restore_forward_order(saved: list[tuple[list[Any], list[Any]]]) -> None:
+    for record, contents in saved:
+        record[:] = contents
+
+
 def _restore_settings(saved: list[tuple[Any, dict[str, Any], list[tuple[Any, dict[str, Any]]]]]) -> None:
     for state, own, groups in saved:
         for k, v in own.items():
@@ -139,6 +167,7 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     saved = _save_settings(mods)
+    order = _save_forward_order(mods)
     failed = False
     try:
         for m in mods:  # each setter with recurse=False: covers every module, also with several roots
@@ -162,6 +191,7 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
                 m.reshard()  # type: ignore[operator]  # local
         finally:
             _restore_settings(saved)
+            _restore_forward_order(order)
 
 
 __all__ = ["fsdp_modules", "is_fsdp2", "unsharded"]

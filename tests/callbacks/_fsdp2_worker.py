@@ -44,6 +44,13 @@ Modes:
 ``gradwatch_reference``
     The same GradWatch settings in one process on the same global batches; writes as ``gradwatch`` does,
     into OUTDIR directly.
+``signals``
+    The signals family (opposing signals) alone under FSDP2, on 192 examples with a planted opposing pair,
+    12 steps: ``OUTDIR/signals`` (strict, no alarm) and ``OUTDIR/signals_confirm`` (alarm and gradient
+    confirmation). The ``gradwatch`` mode runs these too, after its own two runs.
+``signals_reference``
+    Both in one process on the same global batches: ``OUTDIR/signals_reference``,
+    ``OUTDIR/signals_confirm_reference``.
 """
 
 from __future__ import annotations
@@ -79,8 +86,9 @@ def make_dataset() -> TensorDataset:
     return TensorDataset(x, (x @ w).argmax(1), torch.arange(N))
 
 
-def global_batches() -> list[list[int]]:
-    """Step k's global batch: rank 0's k-th batch then rank 1's, as Lightning's injected sampler deals them.
+def global_batches(n: int = N, steps: int = STEPS) -> list[list[int]]:
+    """Step k's global batch: rank 0's k-th batch then rank 1's, as Lightning's injected sampler deals them
+    (``n`` examples, ``steps`` steps: one epoch, ``n = steps * BATCH * WORLD``).
 
     Lightning replaces a training loader's sampler by ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``
     whatever the loader's own ``shuffle`` (``data_connector._process_dataloader`` sets ``is_shuffled = True``
@@ -88,10 +96,10 @@ def global_batches() -> list[list[int]]:
     """
     per_rank = []
     for r in range(WORLD):
-        sampler = DistributedSampler(range(N), num_replicas=WORLD, rank=r, shuffle=True, seed=SEED)
+        sampler = DistributedSampler(range(n), num_replicas=WORLD, rank=r, shuffle=True, seed=SEED)
         sampler.set_epoch(0)
         per_rank.append(list(sampler))
-    return [sum((idx[k * BATCH:(k + 1) * BATCH] for idx in per_rank), []) for k in range(STEPS)]
+    return [sum((idx[k * BATCH:(k + 1) * BATCH] for idx in per_rank), []) for k in range(steps)]
 
 
 class ShardedMLP(L.LightningModule):
@@ -500,13 +508,18 @@ class RunRecord(Callback):
         said = [str(w.message) for w in self._caught if str(w.message).startswith("gradwatch")]
         final = {n: (p.full_tensor() if _is_dtensor(p) else p).detach().clone()
                  for n, p in pl_module.named_parameters()}
-        torch.save({"final": final, "global_step": trainer.global_step, "world_size": trainer.world_size,
-                    "strategy": type(trainer.strategy).__name__, "log_dir": self.gw.log_dir,
+        torch.save({**self.extra(trainer), "final": final, "global_step": trainer.global_step,
+                    "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                    "log_dir": self.gw.log_dir,
                     "param_types": sorted({type(p).__name__ for p in pl_module.parameters()}),
                     "local_shapes": {n: list(p.to_local().shape) if _is_dtensor(p) else list(p.shape)
                                      for n, p in pl_module.named_parameters()},
                     "warnings": said, "fit_seconds": time.perf_counter() - self._t0},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+    def extra(self, trainer) -> dict:  # noqa: ANN001
+        """More entries for ``rank<r>.pt`` (none here)."""
+        return {}
 
 
 class FaultInjector(Callback):
@@ -547,10 +560,10 @@ class FaultInjector(Callback):
             self.handle.remove()
 
 
-def _gw_trainer(out_dir: str, callbacks: list, distributed: bool) -> L.Trainer:
+def _gw_trainer(out_dir: str, callbacks: list, distributed: bool, steps: int = STEPS) -> L.Trainer:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    kw: dict = dict(accelerator="cpu", max_steps=STEPS, callbacks=callbacks, log_every_n_steps=1,
+    kw: dict = dict(accelerator="cpu", max_steps=steps, callbacks=callbacks, log_every_n_steps=1,
                     logger=TensorBoardLogger(save_dir=out_dir, name="tb", version=0), enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                     default_root_dir=out_dir)
@@ -567,8 +580,9 @@ def _gw_trainer(out_dir: str, callbacks: list, distributed: bool) -> L.Trainer:
 
 def run_gradwatch_fsdp2(out_dir: str) -> None:
     """Both ``GW_MODES`` in one launch (one process-group start-up): ``clean`` (``on_error="raise"``: any
-    failure is fatal) and ``faulty`` (``FaultInjector``, ``on_error="warn"``). Each writes under
-    ``<out_dir>/<mode>/``: ``rank<r>.pt`` and rank 0's TensorBoard run ``tb/version_0``."""
+    failure is fatal) and ``faulty`` (``FaultInjector``, ``on_error="warn"``), then ``SIGNALS_MODES``
+    (``run_signals_fsdp2``). Each writes under ``<out_dir>/<mode>/``: ``rank<r>.pt`` and rank 0's TensorBoard
+    run ``tb/version_0``."""
     for mode in GW_MODES:
         run_dir = os.path.join(out_dir, mode)
         os.makedirs(run_dir, exist_ok=True)
@@ -579,6 +593,7 @@ def run_gradwatch_fsdp2(out_dir: str) -> None:
         callbacks = [gw, FaultInjector(gw), record] if mode == "faulty" else [gw, record]
         loader = DataLoader(make_dataset(), batch_size=BATCH, shuffle=False)  # Lightning shuffles (global_batches)
         _gw_trainer(run_dir, callbacks, distributed=True).fit(model, loader)
+    run_signals_fsdp2(out_dir)
 
 
 def run_gradwatch_reference(out_dir: str) -> None:
@@ -590,6 +605,113 @@ def run_gradwatch_reference(out_dir: str) -> None:
     record = RunRecord(out_dir, gw)
     loader = DataLoader(make_dataset(), batch_sampler=global_batches())
     _gw_trainer(out_dir, [gw, record], distributed=False).fit(model, loader)
+
+
+# --------------------------------------------------------------------------------------------------------
+# gradwatch signals: the opposing-signals family under FSDP2 (tests/callbacks/test_fsdp2.py)
+# --------------------------------------------------------------------------------------------------------
+
+SIGNALS_STEPS = 12  # with a window of 5 changes, pairs are looked for from probe step 6 on
+SIGNALS_N = SIGNALS_STEPS * BATCH * WORLD  # 192: one epoch exactly, as in make_dataset
+SIGNALS_WINDOW = 5
+SIGNALS_GROUP = 16  # planted examples per side
+SIGNALS_STRENGTH = 8.0  # the shared feature, spread over [0.6, 1.4] x this (distinct movements, a clear z order)
+SIGNALS_SPREAD = 0.4
+# the whole dataset is the probe (sorted dataset indices): batches of 80, 80, 32; rank 0 takes the first two,
+# rank 1 the last (unequal blocks, gathered in probe order)
+SIGNALS_PROBE_BATCH = 80
+SIGNALS_CONFIRM_ALARM = 0.2
+SIGNALS_MODES = ("signals", "signals_confirm")
+
+
+def _spread(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` of ``indices``, evenly spaced from the first to the last."""
+    return indices[torch.linspace(0, len(indices) - 1, k).round().long()]
+
+
+def make_signals_dataset() -> tuple[TensorDataset, list[int], list[int]]:
+    """(dataset, side a, side b): ``SIGNALS_N`` examples like ``make_dataset``'s (16 features, 4 classes from a
+    fixed linear map, the example index third) with an opposing signal planted as in
+    tests/metrics/_signals_helpers.py: two groups of ``SIGNALS_GROUP`` (labels 1 and 0) share a strong feature
+    x0 (0 elsewhere) and keep a tenth of their other features, so a step that fits one side unfits the other.
+
+    Each side is spread over the whole dataset, so every rank's block of the probe holds members of both
+    sides and every rank runs the confirmation forward. (A rank whose block held none would skip it while
+    the other runs it; under FSDP2 that desynchronises the next training backward: FSDP's forward-order
+    records, which an extra forward appends to, are not put back by gradwatch.engine.fsdp.unsharded.)
+    """
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(SIGNALS_N, 16, generator=g)
+    x[:, 0] = 0.0
+    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
+    a, b = (_spread(torch.nonzero(y == label).reshape(-1), SIGNALS_GROUP) for label in (1, 0))
+    levels = SIGNALS_STRENGTH * torch.linspace(1 - SIGNALS_SPREAD, 1 + SIGNALS_SPREAD, 2 * SIGNALS_GROUP)
+    for k, side in enumerate((a, b)):
+        x[side, 1:] *= 0.1
+        x[side, 0] = levels[k::2]  # interleaved: no member of a moves exactly as one of b
+    return TensorDataset(x, y, torch.arange(SIGNALS_N)), a.tolist(), b.tolist()
+
+
+def per_example_loss(model: nn.Module, batch) -> torch.Tensor:  # noqa: ANN001
+    """The probe's per-example loss (a batch is ``(x, y, index)``, for which gradwatch infers none)."""
+    x, y, _ = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def signals_callback(mode: str):  # noqa: ANN201
+    """The signals family probing every step over the whole dataset, spectra off, no budget.
+
+    ``signals``: strict (``on_error="raise"``, where an alert is fatal too), so the alarm is out of reach
+    (1.0: it needs a perfect score) and no confirmation pass runs. ``signals_confirm``: ``on_error="warn"`` and
+    alarm ``SIGNALS_CONFIRM_ALARM``, so the planted pair alarms, its last-layer gradients are confirmed
+    through the unsharded modules on both ranks (summed over ranks) and the alert goes to alerts.jsonl.
+    """
+    from gradwatch import SignalsConfig
+    from gradwatch.callbacks.lightning import GradWatch
+
+    strict = mode == "signals"
+    cfg = SignalsConfig(every=1, window=SIGNALS_WINDOW, probe_size=SIGNALS_N, batch_size=SIGNALS_PROBE_BATCH,
+                        alarm=1.0 if strict else SIGNALS_CONFIRM_ALARM)
+    return GradWatch(signals=cfg, spectra=False, max_overhead=None, on_error="raise" if strict else "warn",
+                     loss_fn=per_example_loss)
+
+
+class SignalsRecord(RunRecord):
+    """``RunRecord`` plus, on every rank, the signals family's carried window (``losses`` [probe steps, probe
+    examples] of the last ``window + 1`` probe steps, their ``steps``, the probe's dataset ``indices``) and
+    the probe's dataset indices as the engine drew them."""
+
+    def extra(self, trainer) -> dict:  # noqa: ANN001
+        state = self.gw.watcher.state_dict()
+        carried = next(v["carried"] for k, v in state["diagnostics"].items() if ":signals:" in k)
+        return {"carried": carried, "probe_indices": list(self.gw.watcher.probe().indices)}
+
+
+def _signals_fit(run_dir: str, mode: str, distributed: bool) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    L.seed_everything(SEED, verbose=False)
+    model = ShardedMLP()
+    gw = signals_callback(mode)
+    data = make_signals_dataset()[0]
+    if distributed:  # Lightning shuffles (global_batches)
+        loader = DataLoader(data, batch_size=BATCH, shuffle=False)
+    else:
+        loader = DataLoader(data, batch_sampler=global_batches(SIGNALS_N, SIGNALS_STEPS))
+    trainer = _gw_trainer(run_dir, [gw, SignalsRecord(run_dir, gw)], distributed=distributed, steps=SIGNALS_STEPS)
+    trainer.fit(model, loader)
+
+
+def run_signals_fsdp2(out_dir: str) -> None:
+    """Each of ``SIGNALS_MODES`` under FSDP2, into ``<out_dir>/<mode>/`` (as ``run_gradwatch_fsdp2`` writes, plus
+    the carried window in ``rank<r>.pt`` and ``signals.jsonl``, ``alerts.jsonl`` beside rank 0's events)."""
+    for mode in SIGNALS_MODES:
+        _signals_fit(os.path.join(out_dir, mode), mode, distributed=True)
+
+
+def run_signals_reference(out_dir: str) -> None:
+    """Each of ``SIGNALS_MODES`` in one process on the same global batches, into ``<out_dir>/<mode>_reference/``."""
+    for mode in SIGNALS_MODES:
+        _signals_fit(os.path.join(out_dir, f"{mode}_reference"), mode, distributed=False)
 
 
 def _clean_env() -> dict:
@@ -617,6 +739,12 @@ def main(argv: list[str]) -> int:
     if mode == "gradwatch_reference":
         run_gradwatch_reference(out_dir)
         return 0
+    if mode == "signals":
+        run_signals_fsdp2(out_dir)
+        return 0
+    if mode == "signals_reference":
+        run_signals_reference(out_dir)
+        return 0
     if mode == "compare":
         return 0 if compare(out_dir) <= TOL else 1
     if mode == "all":
@@ -633,7 +761,7 @@ def main(argv: list[str]) -> int:
         print(f"timings: fsdp2 (2 processes, incl. launch) {t1 - t0:.1f} s, reference {t2 - t1:.1f} s")
         return 0 if worst <= TOL else 1
     print(f"unknown mode {mode!r}; one of all, fsdp2, reference, compare, hvp, deadlock, gradwatch, "
-          "gradwatch_reference")
+          "gradwatch_reference, signals, signals_reference")
     return 2
 
 

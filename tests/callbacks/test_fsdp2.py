@@ -10,6 +10,16 @@ same tiny MLP twice in the same process group:
   rank 1 only at step 4, after FSDP's pre-forward of the second sharded Linear, so that module and the root
   are left mid-forward. (GradSpectrum raising on rank 1 would test nothing: it observes on rank zero only.)
 
+The same launch then trains the MLP on 192 examples with an opposing signal planted (two groups of 16 that
+share a strong feature and have different labels) for 12 steps with the signals family alone, probing every
+step over the whole dataset (probe batches 80, 80, 32: rank 0 evaluates two, rank 1 one, gathered in probe
+order), twice:
+
+- ``signals`` (``on_error="raise"``, alarm 1.0): every failure and every alert would be fatal.
+- ``signals_confirm`` (``on_error="warn"``, alarm 0.2): the planted pair alarms and is confirmed by the
+  cosine of its sides' last-layer gradients, a pass with gradients through the unsharded modules on both
+  ranks (each rank's block holds members of both sides), summed over the ranks.
+
 The single-process reference runs in this process. Its probe set is the same (seeded draw from the same
 dataset) and each of its steps trains on the concatenation of what the two ranks' ``DistributedSampler`` gave
 them, so both runs see the same weights at every step.
@@ -18,6 +28,7 @@ them, so both runs see the same weights at every step.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import subprocess
@@ -36,6 +47,18 @@ SPECTRA_REL = 1e-4
 # so every spectra comparison also allows float32 epsilon on O(1) statistics.
 SPECTRA_ABS = 1e-7
 SHARPNESS_REL = 1e-2
+# The two signals runs differ by float32 rounding only: the training gradients are summed in another order
+# (reduce-scatter of two half-batch means against one full-batch mean), so after 12 steps the weights differ
+# by ~1e-7 and the probe losses by <= ~2e-6 relative (7e-7 absolute, measured). Every signals statistic is a
+# float64 function of those losses (means, ratios of sums, correlations of their O(0.1-1) step changes) and
+# moves by about as much relatively; 1e-5 leaves a margin of 5x over the losses' own error (the statistics
+# themselves agree to ~5e-7). Discrete results (outliers and their order, pair sides, counts, the alarm,
+# consistency) must be equal, and are far from any tie (measured on the reference run, every window): the two
+# closest outliers' robust z-scores are 3e-4 apart and the nearest z is 7e-3 from the cut, while the two runs'
+# z-scores differ by ~2e-6; the nearest group correlation is 2e-2 from -rho, the smallest mean change 7e-3.
+SIGNALS_REL = 1e-5
+SIGNALS_LOSS_RTOL, SIGNALS_LOSS_ATOL = 1e-5, 1e-6
+SIGNALS_COUNT_TAGS = ("signals/outliers", "signals/pairs", "signals/alarm")
 SCRUBBED = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_", "PL_", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
             "TORCHELASTIC")
 
@@ -82,15 +105,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                           text=True, timeout=180)  # a hang fails here; collectives themselves time out at 30 s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     worker.run_gradwatch_reference(str(out / "reference"))
+    worker.run_signals_reference(str(out))
     data: dict[str, Any] = {}
-    for run in (*worker.GW_MODES, "reference"):
+    references = ("reference", *(f"{m}_reference" for m in worker.SIGNALS_MODES))
+    for run in (*worker.GW_MODES, *worker.SIGNALS_MODES, *references):
         run_dir = str(out / run)
-        ranks = (0, 1) if run != "reference" else (0,)
+        ranks = (0, 1) if run not in references else (0,)
         data[run] = {"dir": run_dir, "df": _scalars(run_dir),
                      "ranks": [torch.load(os.path.join(run_dir, f"rank{r}.pt"), weights_only=False) for r in ranks]}
         data[run]["series"] = _series(data[run]["df"])
+        for stem in ("signals", "alerts"):
+            path = os.path.join(data[run]["ranks"][0]["log_dir"], f"{stem}.jsonl")
+            data[run][stem] = _jsonl(path) if os.path.exists(path) else []
     data["worker"] = worker
     return data
+
+
+def _jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def _compare(got: dict[str, dict[int, float]], want: dict[str, dict[int, float]], prefix: str, rel: float,
@@ -178,6 +211,132 @@ def test_a_failure_on_one_rank_lets_both_ranks_finish(runs: dict[str, Any]) -> N
             torch.testing.assert_close(r["final"][name], w, rtol=0, atol=1e-6)
 
 
+# ---- the signals family (opposing signals) under FSDP2 ------------------------------------------------------
+
+
+def _signals_tags() -> tuple[str, ...]:
+    from gradwatch.metrics.signals import TAGS
+
+    return TAGS
+
+
+def _same(got: Any, want: Any, where: str = "") -> float:
+    """Assert ``got`` equals ``want`` (JSON values): floats within ``SIGNALS_REL``, everything else exactly;
+    returns the max relative error of the floats."""
+    if isinstance(want, float) and not isinstance(got, bool) and isinstance(got, (int, float)):
+        assert float(got) == pytest.approx(want, rel=SIGNALS_REL, abs=1e-12), (where, got, want)
+        return abs(got - want) / max(abs(want), 1e-30)
+    assert type(got) is type(want), (where, got, want)
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), (where, sorted(got), sorted(want))
+        return max((_same(got[k], want[k], f"{where}.{k}") for k in want), default=0.0)
+    if isinstance(want, list):
+        assert len(got) == len(want), (where, got, want)
+        return max((_same(g, w, f"{where}[{i}]") for i, (g, w) in enumerate(zip(got, want))), default=0.0)
+    assert got == want, (where, got, want)
+    return 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["signals", "signals_confirm"])
+def test_signals_training_finishes_on_both_ranks_and_each_point_is_logged_once(runs: dict[str, Any],
+                                                                              run: str) -> None:
+    worker = runs["worker"]
+    ranks = runs[run]["ranks"]
+    assert [r["global_step"] for r in ranks] == [worker.SIGNALS_STEPS] * 2
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["strategy"] == "ModelParallelStrategy" and r["param_types"] == ["DTensor"]
+        assert r["local_shapes"]["net.0.weight"] == [16, 16]
+        assert r["warnings"] == []  # no gradwatch warning: nothing failed (the confirm run would only warn)
+
+    # only rank 0 writes: one event file and one signals.jsonl, in rank 0's log directory
+    assert ranks[1]["log_dir"] is None
+    for pattern in ("events.out.tfevents.*", "signals.jsonl"):
+        found = glob.glob(os.path.join(runs[run]["dir"], "**", pattern), recursive=True)
+        assert len(found) == 1 and os.path.dirname(found[0]) == ranks[0]["log_dir"], found
+
+    df, ref = runs[run]["df"], runs[f"{run}_reference"]["df"]
+    ours = df[df.tag.str.startswith(("signals/", "gradwatch/"))]
+    counts = ours.groupby(["tag", "step"]).size()
+    assert counts.max() == 1, counts[counts > 1]
+    ref = ref[ref.tag.str.startswith(("signals/", "gradwatch/"))]
+    assert set(zip(ours.tag, ours.step)) == set(zip(ref.tag, ref.step))  # nothing missing, nothing extra
+    for tag in _signals_tags():
+        assert sorted(ours[ours.tag == tag].step) == list(range(1, worker.SIGNALS_STEPS + 1)), tag  # every step
+    # one signals.jsonl row per probe step with a change (all but the first), each step once
+    assert [row["step"] for row in runs[run]["signals"]] == list(range(2, worker.SIGNALS_STEPS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["signals", "signals_confirm"])
+def test_signals_equal_a_single_process_run(runs: dict[str, Any], run: str) -> None:
+    worker = runs["worker"]
+    got, want = runs[run], runs[f"{run}_reference"]
+    _, side_a, side_b = worker.make_signals_dataset()
+    planted = {"a": sorted(side_a), "b": sorted(side_b)}
+
+    # the same probe, and every rank holds the same window of probe losses, the reference's within rounding
+    (ref,) = want["ranks"]
+    assert ref["probe_indices"] == list(range(worker.SIGNALS_N))
+    window = ref["carried"]
+    assert window["steps"].tolist() == list(range(worker.SIGNALS_STEPS - worker.SIGNALS_WINDOW,
+                                                  worker.SIGNALS_STEPS + 1))
+    for r in got["ranks"]:
+        assert r["probe_indices"] == ref["probe_indices"]
+        assert torch.equal(r["carried"]["steps"], window["steps"])
+        assert torch.equal(r["carried"]["indices"], window["indices"])
+        assert torch.equal(r["carried"]["losses"], got["ranks"][0]["carried"]["losses"])  # gathered alike
+    loss_err = float((got["ranks"][0]["carried"]["losses"] - window["losses"]).abs().max())
+    torch.testing.assert_close(got["ranks"][0]["carried"]["losses"], window["losses"], rtol=SIGNALS_LOSS_RTOL,
+                               atol=SIGNALS_LOSS_ATOL)
+
+    # the scalars: counts and the alarm exactly, the rest within SIGNALS_REL; NaN where the reference has NaN
+    worst = 0.0
+    for tag in _signals_tags():
+        for step, w in want["series"][tag].items():
+            g = got["series"][tag][step]
+            if math.isnan(w) or tag in SIGNALS_COUNT_TAGS:
+                assert g == w or (math.isnan(g) and math.isnan(w)), (tag, step, g, w)
+            else:
+                assert g == pytest.approx(w, rel=SIGNALS_REL), (tag, step, g, w)
+                worst = max(worst, abs(g - w) / max(abs(w), 1e-30))
+
+    # the records: outliers in order, pairs with their sides, statistics and gradient cosines
+    worst = max(worst, _same(got["signals"], want["signals"], "signals"))
+    # ... and the alerts (the message formats the same numbers; the evidence carries them)
+    assert [a["message"] for a in got["alerts"]] == [a["message"] for a in want["alerts"]]
+    worst = max(worst, _same([a["evidence"] for a in got["alerts"]], [a["evidence"] for a in want["alerts"]],
+                             "alerts"))
+
+    # what was compared is not trivial: the planted pair is found, late in the run it is the only pair
+    rows = want["signals"]
+    with_pairs = [r for r in rows if r["pairs"]]
+    assert len(with_pairs) >= 4 and any(r["pairs"] == [] and r["changes"] >= 5 for r in rows)
+    last = rows[-1]
+    assert len(last["pairs"]) == 1 and {"a": sorted(last["pairs"][0]["a"]), "b": sorted(last["pairs"][0]["b"])} \
+        in (planted, {"a": planted["b"], "b": planted["a"]})
+    assert set(last["outliers"]) >= set(side_a) | set(side_b)
+    assert want["series"]["signals/opposing_score"][worker.SIGNALS_STEPS] > 0.5
+    pairs = [p for r in with_pairs for p in r["pairs"]]
+    if run == "signals":  # strict: nothing alarmed, so nothing was confirmed and no alert was written
+        assert not any(p["alarm"] for p in pairs) and all(p["gradient_cosine"] is None for p in pairs)
+        assert got["alerts"] == want["alerts"] == []
+    else:  # every pair alarmed and its gradients were confirmed to oppose; one alert (cooldown)
+        assert all(p["alarm"] and p["gradient_cosine"] < 0 for p in pairs)
+        assert len(want["alerts"]) == 1 and want["alerts"][0]["rule"] == "signals/opposing_pair"
+        # the confirmation summed both ranks' parts: each rank's block of the probe holds members of both sides
+        blocks = [range(0, 2 * worker.SIGNALS_PROBE_BATCH), range(2 * worker.SIGNALS_PROBE_BATCH, worker.SIGNALS_N)]
+        assert all(set(block) & set(side) for block in blocks for side in (side_a, side_b))
+    print(f"\nFSDP2 vs one process, {run}: probe losses max abs err {loss_err:.1e}, signals statistics max rel "
+          f"err {worst:.1e}")
+
+    # training itself is unperturbed by the probe and confirmation passes through the unsharded modules
+    for r in got["ranks"]:
+        for name, w in ref["final"].items():
+            torch.testing.assert_close(r["final"][name], w, rtol=0, atol=1e-6)
+
+
 # ---- gradwatch.engine.fsdp.unsharded on a one-rank mesh, in this process -------------------------------------
 
 
@@ -261,3 +420,16 @@ def test_unsharded_gives_plain_parameters_and_restores_fsdp_exactly(one_rank_gro
     ref = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     ref.load_state_dict({n: p.full_tensor() for n, p in net.named_parameters()})
     torch.testing.assert_close(net(x), ref(x))
+
+
+def test_an_extra_forward_on_one_rank_only_leaves_the_next_steps_in_line() -> None:
+    """FSDP2's post-forward hook records the forward order that the next backward's prefetching reads; an extra
+    pass run on one rank only (an empty probe block) must leave those records as they were, or that rank's
+    next backward makes an all-gather the other rank never makes (before the fix: a timeout)."""
+    why = _requirements()
+    if why:
+        pytest.skip(why)
+    from _support.launch import run_worker
+
+    proc = run_worker(os.path.join(HERE, "_fsdp2_extra_pass_worker.py"), timeout=120)
+    assert proc.stdout.split() == ["no_grad:", "ok", "forward_with_grad:", "ok", "grad_of_all:", "ok"], proc.stdout
