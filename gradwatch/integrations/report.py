@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class Run:
     scalars: dict[str, Series]
     signals: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    pictures: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # image tag -> (step, PNG) of the last
 
     @property
     def name(self) -> str:
@@ -165,6 +167,25 @@ def read_scalars(event_dir: str | os.PathLike) -> dict[str, Series]:
     return out
 
 
+PICTURE_TAGS = ("signals/pair_examples",)  # images the report shows as they were logged (the last one)
+
+
+def read_pictures(event_dir: str | os.PathLike, tags: Sequence[str] = PICTURE_TAGS) -> dict[str, tuple[int, bytes]]:
+    """The last image of each of ``tags`` in the event files directly in ``event_dir``: (step, PNG bytes)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(event_dir), size_guidance={"scalars": 1, "images": 1, "tensors": 1,
+                                                                  "histograms": 1, "audio": 1,
+                                                                  "compressedHistograms": 1})
+    accumulator.Reload()  # a reservoir of one keeps the most recent image
+    out = {}
+    for tag in accumulator.Tags().get("images", []):
+        if tag in tags:
+            last = accumulator.Images(tag)[-1]
+            out[tag] = (int(last.step), bytes(last.encoded_image_string))
+    return out
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a JSONL file (objects only; a torn last line of a live run is skipped)."""
     records = []
@@ -219,7 +240,8 @@ def load_run(path: str | os.PathLike) -> Run:
             f"your trainer logs to with gradwatch on (e.g. lightning_logs/version_0, or output_dir/runs/<run> "
             f"for the Hugging Face Trainer)")
     scalars = {t: s for t, s in read[event_dir].items()} if event_dir else {}
-    return Run(root, event_dir, scalars, records.get("signals.jsonl", []), records.get("alerts.jsonl", []))
+    pictures = read_pictures(event_dir) if event_dir else {}
+    return Run(root, event_dir, scalars, records.get("signals.jsonl", []), records.get("alerts.jsonl", []), pictures)
 
 
 def layer_matrix(run: Run, stat: str, params: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -339,6 +361,18 @@ class _Figures:
         width, height = (int(round(x)) for x in fig.get_size_inches() * fig.dpi)
         return (f'<img src="figures/{html.escape(name)}" alt="{html.escape(alt)}" width="{width}" '
                 f'height="{height}">')
+
+
+    def save_png(self, png: bytes, stem: str, alt: str) -> str:
+        """An already encoded PNG (a logged TensorBoard image), shown at twice its size, pixels kept sharp."""
+        self.count += 1
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_")[:80] or "figure"
+        name = f"{self.count:03d}_{slug}.png"
+        (self.dir / name).write_bytes(png)
+        width, height = struct.unpack(">II", png[16:24]) if png[:8] == b"\x89PNG\r\n\x1a\n" else (0, 0)
+        size = f' width="{2 * width}" height="{2 * height}"' if width else ""
+        return (f'<img src="figures/{html.escape(name)}" alt="{html.escape(alt)}"{size} '
+                'style="image-rendering: pixelated">')
 
 
 def _finite_positive(values: Iterable[np.ndarray]) -> bool:
@@ -511,6 +545,12 @@ def _signals_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
         lines = [(f"group {k}", s.steps, s.values, {}) for k, s in (("a", a), ("b", b)) if s is not None]
         fig = _line_figure(lines, "loss of the most opposing pair's two groups", "probe loss")
         parts.append(figs.save(fig, "signals_pair_loss", "loss of the opposing pair's groups per step"))
+    picture = run.pictures.get("signals/pair_examples")
+    if picture is not None:
+        parts.append(f"<h3>Examples of the pairs at step {picture[0]} (signals/pair_examples)</h3>"
+                     '<p class="note">A row per side of the pairs shown in the signals/pairs table (pair 1 a, '
+                     "pair 1 b, pair 2 a, ...), in the table's order.</p>" + figs.save_png(
+                         picture[1], "signals_pair_examples", f"thumbnails of the pairs' examples at step {picture[0]}"))
     others = [t for t in tags if not t.startswith("signals/pair_loss/")]
     if others:
         fig = _small_multiples(run, others, "per-example loss changes on the probe set", strip="signals/")

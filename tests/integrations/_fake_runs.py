@@ -54,6 +54,8 @@ def write_fake_run(log_dir: Path, seed: int, *, full: bool = True) -> Path:
             writer.add_scalar("stability/attention/max_logit", 3.0 + step, step)  # run-wide: max over modules
             for i in range(3):
                 writer.add_scalar(f"stability/update_ratio/model.layers.{i}.mlp.fc.weight", 1e-3 * (i + 1), step)
+            picture = np.full((3, 36, 70), step / STEPS[-1], dtype=np.float32)  # the last one is all white
+            writer.add_image("signals/pair_examples", picture, step, dataformats="CHW")
         with open(log_dir / "signals.jsonl", "w", encoding="utf-8") as f:
             for step in STEPS:
                 f.write(json.dumps({"step": step, "outliers": [3, 17, 42],

@@ -153,10 +153,19 @@ def test_report_page_sections_and_figures(pages: tuple[Path, Path]) -> None:
     images = re.findall(r'<img src="([^"]+)"', page)
     # per statistic and family a heatmap, per statistic a MAD chart; sharpness; pair loss and the other
     # signals; stability's run-wide panels and its update-ratio heatmap; overhead
-    assert len(images) == len(STATS) * (len(FAMILIES) + 1) + 6
+    # signals' last logged thumbnails (signals/pair_examples) as they were written
+    assert len(images) == len(STATS) * (len(FAMILIES) + 1) + 7
     for src in images:
         data = (index.parent / src).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and (len(data) > 1000 or "pair_examples" in src)
+    (thumbs,) = [src for src in images if "pair_examples" in src]
+    from io import BytesIO
+
+    from PIL import Image
+
+    picture = np.asarray(Image.open(BytesIO((index.parent / thumbs).read_bytes())).convert("RGB"))
+    assert picture.shape == (36, 70, 3) and (picture == 255).all()  # the last step's image, whole
+    assert f"Examples of the pairs at step {STEPS[-1]}" in page and 'width="140" height="72"' in page
     assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>" not in page  # records are escaped
     assert "lower the learning rate" in page and "ALARM" in page
     assert "model.layers.*.attn.q_proj.weight" in page
