@@ -489,8 +489,10 @@ class Watcher:
 
     def budgeted_period(self, i: int, minimum: int, count: int) -> int:
         """Steps between two runs of the ``within_budget`` diagnostic ``i``: the smallest k >= ``minimum`` with
-        cost / (k * step) <= share, where cost is its measured seconds per run (the second run's, then an
-        exponential average: the first run carries one-off costs), step the training's own seconds per step
+        cost / (k * step) <= share, where cost is its measured seconds per run (the first run's, one-off costs
+        included, so the first gap errs long; then the second run's; then an exponential average: a second run
+        soon after the first would be budgeted and could silence every family for many steps), step the
+        training's own seconds per step
         (wall time since attach less gradwatch's, over the steps taken) and share = max_overhead / (count + 1)
         for ``count`` such diagnostics (the rest of the budget is left to fixed cadences; 5% when
         max_overhead is off). A period within 25% of the previous one keeps the previous one, so the runs
@@ -506,6 +508,12 @@ class Watcher:
         if old is not None and 0.8 * old <= period <= 1.25 * old:
             period = old
         b["previous"] = period
+        if period > 10 * minimum and b["runs"] >= 2:
+            self._warn_once(f"budgeted:{i}", f"gradwatch: {self._describe(i)} costs {cost:.3g} s a run, "
+                            f"{cost / step_seconds:.0f} training steps' time; within its share of max_overhead="
+                            f"{budget:g} ({share:.1%}) it runs every {period} steps. To see more points, make it "
+                            "cheaper (e.g. a smaller probe_size) or give a fixed cadence (every=N) and a larger "
+                            "max_overhead (said once)")
         return period
 
     def _note_cost(self, i: int, seconds: float) -> None:

@@ -155,19 +155,22 @@ def test_within_budget_cadence_spaces_runs_evenly_to_fit_its_share(monkeypatch):
     """Cadence.within_budget: an observation costs 0.5 s (the first, with its one-off costs, 2 s) and a training
     step 1 s; with max_overhead 0.1 and one such diagnostic its share is 0.05, so the period is
     ceil(0.5 / (0.05 * 1)) = 10 steps once the second run's cost is known, and the share of wall time it
-    takes tends to 0.5 / 10.5."""
+    takes tends to 0.5 / 10.5. A period over 10x the minimum is said once, with what to do."""
     clock, sink, model = FakeClock(), RecordingSink(), _model_with_grads()
     _costly_spectra(monkeypatch, clock, 0.5, first=2.0)
     config = gradwatch.SpectraConfig(every=gradwatch.Cadence.within_budget(minimum=3))
     watcher = _watch(model, sink, clock, spectra=config, max_overhead=0.1)
     runs = []
-    for step in range(1, 102):
-        if _step(watcher, step):
-            runs.append(step)
-        clock.advance(1.0)  # the training step itself
-    # step 1; after it the first cost (2 s) gives ceil(2 / 0.05) = 40; then the second cost, 0.5 s: 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 102):
+            if _step(watcher, step):
+                runs.append(step)
+            clock.advance(1.0)  # the training step itself
+    # step 1; the first cost (2 s, one-off costs included) gives ceil(2 / 0.05) = 40; the second, 0.5 s: 10
     assert runs[:3] == [1, 41, 51] and all(b - a == 10 for a, b in zip(runs[2:], runs[3:])), runs
     assert watcher.postponed_steps == 0  # the spacing itself keeps within the budget
+    assert not [w for w in caught if "runs every" in str(w.message)]  # 10 steps: not worth a word
     share = (0.5 * (len(runs) - 1)) / (clock.now - 2.0)
     assert share < 0.05
     state = watcher.state_dict()
@@ -177,6 +180,17 @@ def test_within_budget_cadence_spaces_runs_evenly_to_fit_its_share(monkeypatch):
     assert fresh._budgeted[0]["last"] == runs[-1] and fresh._budgeted[0]["cost"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="within_budget"):
         gradwatch.Cadence.within_budget() | gradwatch.Cadence.every(3)
+    costly, clock2 = RecordingSink(), FakeClock()  # a run costing 30 steps' time: every 600 steps, said once
+    _costly_spectra(monkeypatch, clock2, 30.0)
+    slow = _watch(model, costly, clock2, spectra=config, max_overhead=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 1300):
+            _step(slow, step)
+            clock2.advance(1.0)
+    said = [str(w.message) for w in caught if "runs every" in str(w.message)]
+    assert len(said) == 1 and "every 600 steps" in said[0] and "probe_size" in said[0], said
+    assert sorted(costly.scalars) == [1, 601, 1201]
 
 
 def test_a_slow_first_run_does_not_silence_a_diagnostic(monkeypatch):
