@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
             rows.append((base_s, gw_s, gw_s / base_s, base_c, gw_c, gw_c / base_c, cb.watcher.overhead(), same))
             runs = {cb.watcher._key(j).split(":", 2)[2]: b["runs"] for j, b in cb.watcher._budgeted.items()}
-            print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; postponed steps "
+            print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; gradwatch/overhead without the "
+                  f"one-off first runs (what max_overhead bounds) {cb.watcher._budgeted_share():.2%}; postponed steps "
                   f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else ""), flush=True)
 
     print(f"\nsteps {args.steps}, {args.pairs} pairs (baseline, gradwatch alternating); wall = time of trainer.fit, "

@@ -13,6 +13,7 @@ backward (``torch._C._current_graph_task_id() != -1``); such re-runs are not rep
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,8 +35,12 @@ class ActivationCapture:
         calls: forward reports per site name (for tests and the overhead story).
     """
 
-    def __init__(self, on_error: Callable[[Any, Exception], None]) -> None:
+    def __init__(self, on_error: Callable[[Any, Exception], None],
+                 on_spent: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self._on_error = on_error  # (owner, exception): a failing reduction never breaks the user's forward
+        self._on_spent = on_spent  # seconds spent in reductions, inside the user's forward: gradwatch's time
+        self._clock = clock
         self._owner: dict[int, Any] = {}
         self._handles: list[Any] = []
         self._stack: list[ActivationSite] = []
@@ -92,11 +97,15 @@ class ActivationCapture:
         return hook
 
     def _call(self, site: ActivationSite, fn: Callable[..., None], *args: Any) -> None:
+        t0 = self._clock()
         try:
             with torch.no_grad():
                 fn(*args)
         except Exception as exc:  # reported to the engine (warn once, or raise when strict)
             self._on_error(self._owner.get(id(site)), exc)
+        finally:
+            if self._on_spent is not None:
+                self._on_spent(self._clock() - t0)
 
     def _wrap_sdpa(self) -> None:
         _SDPA.attach(self)
@@ -187,7 +196,10 @@ class MicroBatchGradients:
     None, so the gradient is unchanged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_spent: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self._on_spent = on_spent  # seconds spent in the hooks, inside the user's backward: gradwatch's time
+        self._clock = clock
         self._handles: list[Any] = []
         self._small: torch.Tensor | None = None
         self._total: dict[int, torch.Tensor] = {}
@@ -219,6 +231,7 @@ class MicroBatchGradients:
 
     def _hook(self, p: torch.nn.Parameter) -> Any:
         def hook(grad: torch.Tensor) -> None:
+            t0 = self._clock()
             with torch.no_grad():  # float32 norms (a cast only for half precision), squared in float64
                 g = grad.detach()
                 sq = torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
@@ -226,6 +239,8 @@ class MicroBatchGradients:
                 prev = p.grad
                 self._total[id(p)] = sq if prev is None else torch.linalg.vector_norm(
                     prev.detach() + g, dtype=torch.float32).double().square()
+            if self._on_spent is not None:
+                self._on_spent(self._clock() - t0)
 
         return hook
 

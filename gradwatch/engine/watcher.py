@@ -68,8 +68,9 @@ class Watcher:
         self.sinks: list[Sink] = []
         self.model: nn.Module | None = None
         self.ranks = Ranks()
-        self.capture = ActivationCapture(on_error=self._hook_failed)
-        self.micro_batches = MicroBatchGradients()
+        # work done inside the user's forward and backward is gradwatch's time too
+        self.capture = ActivationCapture(on_error=self._hook_failed, on_spent=self._spent_in_hooks, clock=clock)
+        self.micro_batches = MicroBatchGradients(on_spent=self._spent_in_hooks, clock=clock)
         self._probe_source: Callable[[int], ProbeSet] | None = None
         self._warned: set[str] = set()
         self._restored: Mapping[str, Any] | None = None
@@ -435,6 +436,9 @@ class Watcher:
         self._engine_seconds += dt
         if warmup:
             self._warmup_seconds += dt
+
+    def _spent_in_hooks(self, seconds: float) -> None:
+        self._engine_seconds += seconds
 
     def overhead(self) -> float:
         """gradwatch's share of wall time since attach (everything it did, warm-up included)."""

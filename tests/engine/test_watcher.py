@@ -375,7 +375,7 @@ class ToyActivations(Diagnostic):
                        records={"toy": [{"step": self._last_step}]}, alerts=alerts)
 
 
-def _toy_watcher(model, sink, toy, **kwargs):
+def _toy_watcher(model, sink, toy, clock=None, **kwargs):
     from dataclasses import dataclass
 
     from gradwatch.registry import Family, register, unregister
@@ -386,11 +386,47 @@ def _toy_watcher(model, sink, toy, **kwargs):
 
     register(Family("toy", "toy", ToyConfig, False, lambda cfg, inputs: [toy]))
     try:
-        watcher = Watcher(gradwatch.WatchConfig(spectra=False, toy=True, max_overhead=None, **kwargs))
+        watcher = Watcher(gradwatch.WatchConfig(spectra=False, toy=True, max_overhead=None, **kwargs),
+                          **({"clock": clock} if clock else {}))
         watcher.attach(model, sinks=[sink])
     finally:
         unregister("toy")
     return watcher
+
+
+def test_time_in_forward_hooks_and_gradient_hooks_is_gradwatch_time():
+    """Reductions inside the user's forward (activation sites) and backward (micro-batch gradient hooks) run
+    outside the engine's events; their seconds still count in gradwatch/overhead and the budget."""
+    from gradwatch.engine.hooks import ActivationCapture, MicroBatchGradients
+
+    clock = FakeClock()
+    spent: list[float] = []
+    capture = ActivationCapture(on_error=lambda owner, exc: None, on_spent=spent.append, clock=clock)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    capture.arm([(0, ActivationSite("0", model[0], on_forward=lambda *a: clock.advance(0.25)))])
+    model(torch.randn(3, 4))
+    capture.disarm()
+    assert spent == [0.25]
+    tap = MicroBatchGradients(on_spent=spent.append, clock=clock)
+    tap.arm(list(model.parameters()))
+    model(torch.randn(3, 4)).sum().backward()
+    tap.disarm()
+    assert len(spent) == 1 + 4  # one per parameter's hook (each took no fake time)
+
+
+    class SlowToy(ToyActivations):  # its reduction takes 2 s of the user's forward
+        def activation_sites(self, model):
+            (site,) = super().activation_sites(model)
+            reduce = site.on_forward
+            site.on_forward = lambda *a: (clock.advance(2.0), reduce(*a))
+            return [site]
+
+    model2 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    watcher = _toy_watcher(model2, RecordingSink(), SlowToy("1", every=Cadence.every(1)), clock=clock)
+    watcher.on_step_start(1)
+    model2(torch.randn(5, 4)).sum().backward()
+    clock.advance(2.0)  # the user's own work
+    assert watcher.overhead() == pytest.approx(0.5)  # 2 s of 4 s since attach
 
 
 def test_activation_hooks_live_on_due_steps_only_and_fire_once_per_micro_batch():

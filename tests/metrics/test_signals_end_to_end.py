@@ -181,6 +181,43 @@ def test_hf_observe_only_tags_and_records(tmp_path: Any) -> None:
     assert all(set(i for i in r["outliers"]) <= set(range(1024)) for r in rows)
 
 
+class PictureData(DictData):
+    """The planted data as HF image examples: {"pixel_values": 1 x 4 x 4 (features zero-padded), "labels"}."""
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x, y = self.data[i]
+        return {"pixel_values": F.pad(x, (0, 8)).reshape(1, 4, 4), "labels": y}
+
+
+class HFPictureClassifier(HFClassifier):
+    def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:  # type: ignore[override]
+        return super().forward(pixel_values.flatten(1)[:, :8], labels)
+
+
+def test_hf_picture_examples_are_logged_as_thumbnails(tmp_path: Any) -> None:
+    """Through the HF Trainer: the pairs' picture examples as the image signals/pair_examples, a row per side
+    of the shown pairs (the last logged image matches the last signals.jsonl row with pairs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = HFGradWatch(spectra=False, signals=SignalsConfig(every=1, probe_size=256, window=5),
+                     max_overhead=None)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, save_strategy="no", report_to=["tensorboard"],
+                             disable_tqdm=True, per_device_train_batch_size=256, max_steps=30, logging_steps=10,
+                             seed=0, data_seed=0, dataloader_num_workers=0, learning_rate=0.5,
+                             lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, remove_unused_columns=False)
+    Trainer(model=HFPictureClassifier(), args=args, train_dataset=PictureData(4096), callbacks=[cb]).train()
+    rows = [r for r in read_jsonl(os.path.join(cb.log_dir, "signals.jsonl")) if r["pairs"]]
+    assert rows, "no pair in 30 probe steps of the planted data"
+    event = next(os.path.join(cb.log_dir, f) for f in os.listdir(cb.log_dir) if "tfevents" in f)
+    ea = EventAccumulator(event, size_guidance={"images": 0})
+    ea.Reload()
+    images = ea.Images("signals/pair_examples")
+    assert sorted(im.step for im in images) == [r["step"] for r in rows]  # one per probe step with a pair
+    last = max(images, key=lambda im: im.step)
+    sides = [side[:8] for p in rows[-1]["pairs"][:3] for side in (p["a"], p["b"])]
+    assert (last.height, last.width) == (2 + 34 * len(sides), 2 + 34 * max(map(len, sides)))
+
+
 def test_knobs_and_hf_arguments() -> None:
     from gradwatch.knobs import config_from_knobs, knobs
 
