@@ -464,9 +464,10 @@ class OpposingSignals(Diagnostic):
         device = self.rows.device
         scalars = {t: torch.tensor(v, dtype=torch.float64, device=device) for t, v in zip(TAGS, values)}
         records = [self._record(r) for r in rows if r.changes > 0]
-        texts = {"signals/pairs": self._table(last)} if last.changes > 0 else {}
-        grid = self._pictures(last) if last.changes > 0 else None
-        images = {"signals/pair_examples": grid[0]} if grid is not None else {}
+        pictures = self._pictures(last) if last.changes > 0 else None
+        where = pictures[1] if pictures is not None else {}
+        texts = {"signals/pairs": self._table(last, where)} if last.changes > 0 else {}
+        images = {"signals/pair_examples": pictures[0]} if pictures is not None else {}
         return Results(scalars=scalars, records={"signals": records}, texts=texts, alerts=self._alerts(rows),
                        images=images)
 
@@ -513,7 +514,9 @@ class OpposingSignals(Diagnostic):
         return [Alert(rule="signals/opposing_pair", severity="warning", message=message, evidence=evidence,
                       remedies=remedies)]
 
-    def _table(self, row: _Row) -> str:
+    def _table(self, row: _Row, where: Mapping[int, tuple[int, int]] | None = None) -> str:
+        """The pairs as a markdown table; ``where``: dataset index -> (row, column) in signals/pair_examples."""
+        where = where or {}
         if row.pairs is None:
             return (f"step {row.step}: {len(row.outliers)} outliers; pairs need {MIN_CHANGES_FOR_PAIRS} loss "
                     f"changes, the window has {row.changes}")
@@ -521,8 +524,6 @@ class OpposingSignals(Diagnostic):
             return f"step {row.step}: {len(row.outliers)} outliers, no opposing pair"
         current = dict(zip(self._indices, self._losses[-1].tolist())) if len(self._steps) and \
             self._steps[-1] == row.step else {}
-        pictures = self._pictures(row)
-        where = pictures[1] if pictures is not None else {}
         lines = [f"step {row.step}: {len(row.pairs)} opposing pair(s), alarm at score >= {self.config.alarm:g}"
                  + ("; the examples are pictured in the image signals/pair_examples (a row per side)" if where else ""),
                  "", "| pair | score | side | dataset index | label | loss | example |",
