@@ -134,22 +134,24 @@ def attention_logit_statistics(query: Tensor, key: Tensor, attn_mask: Tensor | N
             mask = m.expand(*m_lead, *m.shape[-3:]).reshape(-1, *m.shape[-3:])  # (B | 1, H | 1, L | 1, S | 1)
         positions = sampled_positions(length, max_exact_len, device=q.device)
         n_pos = positions.numel()
-        cq = max(1, chunk_elements // max(1, hq * s_len))
+        cq = max(1, min(n_pos, chunk_elements // max(1, hq * s_len)))  # query positions per chunk
+        cb = max(1, chunk_elements // max(1, hq * cq * s_len))  # batch rows per chunk (a few kernels, not B)
         key_idx = torch.arange(s_len, device=q.device)
         max_logit = torch.full((hq,), -math.inf, dtype=dtype, device=q.device)
         ent_sum = torch.zeros(hq, dtype=dtype, device=q.device)
         rows = torch.zeros(hq, dtype=dtype, device=q.device)
-        for b in range(nb):
-            kb = k[b].to(dtype)  # (H, S, E)
-            mb = None if mask is None else mask[b if mask.shape[0] > 1 else 0]  # (1|H, 1|L, 1|S)
+        for b0 in range(0, nb, cb):
+            b1 = min(nb, b0 + cb)
+            kb = k[b0:b1].to(dtype)  # (b, H, S, E)
+            mb = None if mask is None else (mask[b0:b1] if mask.shape[0] > 1 else mask[:1])  # (b|1, H|1, L|1, S|1)
             for start in range(0, n_pos, cq):
                 pos = positions[start:start + cq]
-                qb = q[b, :, pos].to(dtype)  # (H, c, E)
-                logits = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (H, c, S)
-                attended = torch.ones(1, pos.numel(), s_len, dtype=torch.bool, device=q.device)
+                qb = q[b0:b1, :, pos].to(dtype)  # (b, H, c, E)
+                logits = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (b, H, c, S)
+                attended = torch.ones(1, 1, pos.numel(), s_len, dtype=torch.bool, device=q.device)
                 bias = None
                 if mb is not None:
-                    mc = mb[:, pos] if mb.shape[1] > 1 else mb
+                    mc = mb[:, :, pos] if mb.shape[2] > 1 else mb
                     if mc.dtype == torch.bool:
                         attended = attended & mc
                     else:
@@ -157,18 +159,16 @@ def attention_logit_statistics(query: Tensor, key: Tensor, attn_mask: Tensor | N
                         attended = attended & (mc > MASKED_BELOW)
                         bias = mc
                 if is_causal:
-                    attended = attended & (key_idx[None, None, :] <= pos[None, :, None])
-                attended = attended.expand(hq, -1, -1)
+                    attended = attended & (key_idx[None, None, None, :] <= pos[None, None, :, None])
+                attended = attended.expand(b1 - b0, hq, -1, -1)
                 masked_logits = logits.masked_fill(~attended, -math.inf)
-                max_logit = torch.maximum(max_logit, masked_logits.amax(dim=(1, 2)))
-                scores = masked_logits if bias is None else masked_logits + bias
-                scores = scores.masked_fill(~attended, -math.inf)
-                has_key = attended.any(dim=-1)  # (H, c)
+                max_logit = torch.maximum(max_logit, masked_logits.amax(dim=(0, 2, 3)))
+                scores = masked_logits if bias is None else (masked_logits + bias).masked_fill(~attended, -math.inf)
+                has_key = attended.any(dim=-1)  # (b, H, c)
                 log_p = torch.log_softmax(scores.masked_fill(~has_key[..., None], 0.0), dim=-1)
-                p = log_p.exp()
-                row_entropy = -(p * log_p.masked_fill(~attended, 0.0)).sum(-1)  # (H, c)
-                ent_sum = ent_sum + row_entropy.masked_fill(~has_key, 0.0).sum(-1)
-                rows = rows + has_key.sum(-1).to(dtype)
+                row_entropy = -(log_p.exp() * log_p.masked_fill(~attended, 0.0)).sum(-1)  # (b, H, c)
+                ent_sum = ent_sum + row_entropy.masked_fill(~has_key, 0.0).sum(dim=(0, 2))
+                rows = rows + has_key.sum(dim=(0, 2)).to(dtype)
         return AttentionStatistics(max_logit=max_logit, entropy_sum=ent_sum, rows=rows,
                                    exact=n_pos == length)
 

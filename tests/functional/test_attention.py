@@ -114,6 +114,19 @@ def test_chunking_and_precision() -> None:
     _close(bf.max_logit, ref_max)  # exact from the kernel's own bf16 inputs
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 4 * 9 * 9 * 2, 4 * 9 * 9, 4 * 9 * 3])  # all; 2, 1 rows; 3 queries
+def test_batch_and_query_chunks_with_per_example_masks(chunk: int) -> None:
+    q, k = _qk(b=5)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(5, 1, 9, 9, generator=g) > 0.3
+    mask[2, 0, 4] = False  # a row that attends nothing, in one example only
+    stats = attention_logit_statistics(q, k, mask, chunk_elements=chunk)
+    ref_max, ref_ent = reference_statistics(_call(q, k, mask))
+    _close(stats.max_logit, ref_max)
+    _close(stats.entropy, ref_ent)
+    assert stats.rows.tolist() == [5 * 9 - 1] * 4
+
+
 def test_long_sequences_are_sampled_deterministically() -> None:
     pos = sampled_positions(1000, 7)
     assert pos.tolist() == [0, 167, 333, 500, 666, 833, 999]  # 999 i / 6, halves up
