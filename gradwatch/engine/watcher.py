@@ -512,12 +512,13 @@ class Watcher:
         if old is not None and 0.8 * old <= period <= 1.25 * old:
             period = old
         b["previous"] = period
-        if period > 10 * minimum and b["runs"] >= 2:
+        if period > 10 * minimum and step_seconds > 0:
+            measured = "its first run, one-off costs included" if b["runs"] < 2 else "its measured cost"
             self._warn_once(f"budgeted:{i}", f"gradwatch: {self._describe(i)} costs {cost:.3g} s a run, "
-                            f"{cost / step_seconds:.0f} training steps' time; within its share of max_overhead="
-                            f"{budget:g} ({share:.1%}) it runs every {period} steps. To see more points, make it "
-                            "cheaper (e.g. a smaller probe_size) or give a fixed cadence (every=N) and a larger "
-                            "max_overhead (said once)")
+                            f"{cost / step_seconds:.0f} training steps' time ({measured}); within its share of "
+                            f"max_overhead={budget:g} ({share:.1%}) it runs every {period} steps. To see more "
+                            "points, make it cheaper (e.g. a smaller probe_size) or give a fixed cadence (every=N) "
+                            "and a larger max_overhead (said once)")
         return period
 
     def _note_cost(self, i: int, seconds: float) -> None:

@@ -158,7 +158,7 @@ def test_within_budget_cadence_spaces_runs_evenly_to_fit_its_share(monkeypatch):
     takes tends to 0.5 / 10.5. A period over 10x the minimum is said once, with what to do."""
     clock, sink, model = FakeClock(), RecordingSink(), _model_with_grads()
     _costly_spectra(monkeypatch, clock, 0.5, first=2.0)
-    config = gradwatch.SpectraConfig(every=gradwatch.Cadence.within_budget(minimum=3))
+    config = gradwatch.SpectraConfig(every=gradwatch.Cadence.within_budget(minimum=5))
     watcher = _watch(model, sink, clock, spectra=config, max_overhead=0.1)
     runs = []
     with warnings.catch_warnings(record=True) as caught:
@@ -170,7 +170,7 @@ def test_within_budget_cadence_spaces_runs_evenly_to_fit_its_share(monkeypatch):
     # step 1; the first cost (2 s, one-off costs included) gives ceil(2 / 0.05) = 40; the second, 0.5 s: 10
     assert runs[:3] == [1, 41, 51] and all(b - a == 10 for a, b in zip(runs[2:], runs[3:])), runs
     assert watcher.postponed_steps == 0  # the spacing itself keeps within the budget
-    assert not [w for w in caught if "runs every" in str(w.message)]  # 10 steps: not worth a word
+    assert not [w for w in caught if "runs every" in str(w.message)]  # 40, then 10 steps: not worth a word
     share = (0.5 * (len(runs) - 1)) / (clock.now - 2.0)
     assert share < 0.05
     state = watcher.state_dict()
@@ -190,6 +190,7 @@ def test_within_budget_cadence_spaces_runs_evenly_to_fit_its_share(monkeypatch):
             clock2.advance(1.0)
     said = [str(w.message) for w in caught if "runs every" in str(w.message)]
     assert len(said) == 1 and "every 600 steps" in said[0] and "probe_size" in said[0], said
+    assert "30 training steps' time (its first run, one-off costs included)" in said[0]
     assert sorted(costly.scalars) == [1, 601, 1201]
 
 
