@@ -1,12 +1,13 @@
 """Training wall time with and without gradwatch's Lightning callback at its default settings.
 
 A small GPT-2 (built from a config; nothing is downloaded) trains on synthetic random tokens on the
-CPU. Runs alternate baseline, gradwatch, baseline, gradwatch, ... (``--pairs`` pairs) after one short
-warm-up pair, each from the same seed on the same data with the same TensorBoardLogger set-up (so the
-logging cost is equal); the time of ``trainer.fit`` is measured. The report gives each pair's ratio,
-their median, gradwatch's own ``gradwatch/overhead`` estimate (``cb.watcher.overhead()`` after fit)
-and whether the gradwatch run ended with bitwise the same weights as its baseline (it must: gradwatch
-only observes).
+CPU. Runs come in pairs (``--pairs``), baseline first in even pairs and gradwatch first in odd ones (ABBA,
+so an order effect does not favour one side), after one short warm-up pair, each from the same seed on the
+same data with the same TensorBoardLogger set-up (so the logging cost is equal); the time of
+``trainer.fit`` is measured. The report gives each pair's ratio, their median, gradwatch's own
+``gradwatch/overhead`` estimate (``cb.watcher.overhead()`` after fit), its share without the one-off first
+runs (what ``max_overhead`` bounds), and whether the gradwatch run ended with bitwise the same weights as
+its baseline (it must: gradwatch only observes).
 
     python benchmarks/overhead.py                 # 300 steps, 2 pairs, batch 16 x 64
     python benchmarks/overhead.py --steps 1000 --pairs 3
@@ -25,12 +26,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from gradwatch.callbacks.lightning import GradWatch
 
@@ -177,10 +177,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_once(False, kind, data, warm, args.batch, args.seed, root, "warmup_baseline")
         train_once(True, kind, data, warm, args.batch, args.seed, root, "warmup_gradwatch")
         for i in range(args.pairs):
-            base_s, base_c, base_w, _ = train_once(False, kind, data, args.steps, args.batch, args.seed, root,
-                                                   f"baseline_{i}")
-            gw_s, gw_c, gw_w, cb = train_once(True, kind, data, args.steps, args.batch, args.seed, root,
-                                              f"gradwatch_{i}")
+            # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
+            # warming) falls on both sides of the median instead of one
+            order = (False, True) if i % 2 == 0 else (True, False)
+            runs_i = {gw: train_once(gw, kind, data, args.steps, args.batch, args.seed, root,
+                                     f"{'gradwatch' if gw else 'baseline'}_{i}") for gw in order}
+            (base_s, base_c, base_w, _), (gw_s, gw_c, gw_w, cb) = runs_i[False], runs_i[True]
             assert cb is not None
             same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
             rows.append((base_s, gw_s, gw_s / base_s, base_c, gw_c, gw_c / base_c, cb.watcher.overhead(), same))
@@ -189,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"one-off first runs (what max_overhead bounds) {cb.watcher._budgeted_share():.2%}; postponed steps "
                   f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else ""), flush=True)
 
-    print(f"\nsteps {args.steps}, {args.pairs} pairs (baseline, gradwatch alternating); wall = time of trainer.fit, "
+    print(f"\nsteps {args.steps}, {args.pairs} pairs (ABBA order); wall = time of trainer.fit, "
           "cpu = process CPU time of trainer.fit (all threads); median over pairs")
     header = (f"{'pair':>4} {'steps':>6} {'baseline s':>11} {'gradwatch s':>12} {'ratio':>7} | {'cpu base s':>11} "
               f"{'cpu gw s':>9} {'cpu ratio':>9} | {'gradwatch/overhead':>19} {'same weights':>13}")

@@ -17,8 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lightning as L  # noqa: E402
+from _support.regression import LitRegression  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from metrics.test_noise_scale import Regression, config, regression_data  # noqa: E402
+from metrics.test_noise_scale import config, linear, regression_data  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from gradwatch.callbacks.lightning import GradWatch  # noqa: E402
@@ -44,7 +45,7 @@ def main(out_dir: str) -> None:
                             accumulate_grad_batches=accumulate, logger=TensorBoardLogger(out_dir, name=run),
                             callbacks=[GradWatch(config(noise_scale=True)), recorder], enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=out_dir)
-        trainer.fit(Regression(lr=0.0), DataLoader(TensorDataset(x[:512], y[:512]), batch_size=16, shuffle=True))
+        trainer.fit(LitRegression(linear(), lr=0.0), DataLoader(TensorDataset(x[:512], y[:512]), batch_size=16, shuffle=True))
         torch.save(recorder.batches, os.path.join(out_dir, f"{run}_rank{trainer.global_rank}.pt"))
 
 

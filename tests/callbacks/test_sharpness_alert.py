@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
+from _support.regression import DictPairs, HFRegression, LitRegression, linear
 from _support.tensorboard import read_series
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -58,21 +58,6 @@ def alerts(root: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class Regression(L.LightningModule):
-    def __init__(self, lr: float) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.net = torch.nn.Linear(8, 3, bias=False)
-        self.lr = lr
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        xb, yb = batch
-        return F.mse_loss(self.net(xb), yb)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
 def lightning_run(root: str, lr: float) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -83,29 +68,7 @@ def lightning_run(root: str, lr: float) -> None:
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="tb"),
                         callbacks=[GradWatch(config())], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=50)
-    trainer.fit(Regression(lr), DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
-
-
-class DictRegression(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        self.x, self.y = data()
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
-class HFRegression(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.net = torch.nn.Linear(8, 3, bias=False)
-
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        out = self.net(x)
-        return {"logits": out, **({"loss": F.mse_loss(out, labels)} if labels is not None else {})}
+    trainer.fit(LitRegression(linear(8, 3), lr), DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
 
 
 def hf_run(root: str, lr: float) -> None:
@@ -118,7 +81,8 @@ def hf_run(root: str, lr: float) -> None:
                              disable_tqdm=True, per_device_train_batch_size=64, max_steps=STEPS, logging_steps=50,
                              seed=0, data_seed=0, learning_rate=lr, lr_scheduler_type="constant", optim="sgd",
                              remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=0.0)
-    Trainer(model=HFRegression(), args=args, train_dataset=DictRegression(), callbacks=[GradWatch(config())]).train()
+    Trainer(model=HFRegression(linear(8, 3)), args=args, train_dataset=DictPairs(*data()),
+            callbacks=[GradWatch(config())]).train()
 
 
 @pytest.mark.parametrize("host", [lightning_run, hf_run], ids=["lightning", "hf"])

@@ -19,9 +19,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _support import regression
 from _support.tensorboard import read_series
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from gradwatch.config import WatchConfig
 from gradwatch.engine import Watcher
@@ -47,9 +48,8 @@ def regression_data(seed: int = 0) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def linear(seed: int = 1) -> nn.Linear:
-    torch.manual_seed(seed)
-    return nn.Linear(D_IN, D_OUT, bias=False)
+def linear() -> nn.Linear:
+    return regression.linear(D_IN, D_OUT)
 
 
 def b_true(weight: Tensor, x: Tensor, y: Tensor) -> float:
@@ -178,28 +178,14 @@ def test_batch_examples_reads_the_leading_size() -> None:
 # ---- through the hosts ----------------------------------------------------------------------------
 
 
-class Regression(L.LightningModule):
-    def __init__(self, lr: float) -> None:
-        super().__init__()
-        self.net = linear()
-        self.lr = lr
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        xb, yb = batch
-        return F.mse_loss(self.net(xb), yb)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def lightning_run(root: str, lr: float, steps: int, with_gradwatch: bool = True) -> tuple[Regression, Any]:
+def lightning_run(root: str, lr: float, steps: int, with_gradwatch: bool = True) -> tuple[Any, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from gradwatch.callbacks.lightning import GradWatch
 
     L.seed_everything(0, verbose=False)
     x, y = regression_data()
-    module = Regression(lr)
+    module = regression.LitRegression(linear(), lr)
     callbacks = [GradWatch(config(noise_scale=None))] if with_gradwatch else []
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=4, accelerator="cpu", devices=1, deterministic=True,
                         logger=TensorBoardLogger(root, name="tb"), callbacks=callbacks, enable_checkpointing=False,
@@ -227,27 +213,6 @@ def test_lightning_observe_only_with_accumulation_hooks(tmp_path: Any) -> None:
     assert not with_gw.net.weight._backward_hooks
 
 
-class DictRegression(Dataset):
-    def __init__(self) -> None:
-        self.x, self.y = regression_data()
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
-class HFRegression(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = linear()
-
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        out = self.net(x)
-        return {"logits": out, **({"loss": F.mse_loss(out, labels)} if labels is not None else {})}
-
-
 def test_hf_accumulation_estimates_the_planted_noise_scale(tmp_path: Any) -> None:
     pytest.importorskip("transformers")
     from transformers import Trainer, TrainingArguments
@@ -259,8 +224,8 @@ def test_hf_accumulation_estimates_the_planted_noise_scale(tmp_path: Any) -> Non
                              max_steps=200, logging_steps=50, seed=0, data_seed=0, learning_rate=0.0,
                              lr_scheduler_type="constant", optim="sgd", remove_unused_columns=False,
                              dataloader_num_workers=0)
-    model = HFRegression()
-    Trainer(model=model, args=args, train_dataset=DictRegression(),
+    model = regression.HFRegression(linear())
+    Trainer(model=model, args=args, train_dataset=regression.DictPairs(*regression_data()),
             callbacks=[GradWatch(config(noise_scale=None))]).train()
     x, y = regression_data()
     want = b_true(model.net.weight, x, y)
