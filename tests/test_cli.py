@@ -308,3 +308,17 @@ def test_python_dash_m_and_console_script(tmp_path: Path) -> None:
     if os.path.exists(executable):  # installed (pip install -e .): the console script is the same command
         proc = subprocess.run([executable, "compare", "--help"], capture_output=True, text=True, timeout=TIMEOUT_S)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: gradwatch compare")
+
+
+def test_every_minus_one_is_the_familys_own_default_cadence() -> None:
+    from gradwatch.config import Cadence
+    from gradwatch.knobs import config_from_knobs, knobs
+
+    config = config_from_knobs({"signals_every": -1, "signals_window": 7, "stability_every": -1})
+    assert config.signals.every == Cadence.within_budget(minimum=10) and config.signals.window == 7
+    assert config.stability.every == Cadence.every(10)  # the default StabilityConfig's
+    assert config_from_knobs({"signals_every": 25}).signals.every == Cadence.every(25)
+    assert "-1: its default cadence, Cadence.within_budget(minimum=10)" in \
+        next(k for k in knobs() if k.name == "signals_every").help
+    with pytest.raises(ValueError, match="an int >= -1"):
+        config_from_knobs({"signals_every": -2})
