@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append((base_s, gw_s, gw_s / base_s, base_c, gw_c, gw_c / base_c, cb.watcher.overhead(), same))
             runs = {cb.watcher._key(j).split(":", 2)[2]: b["runs"] for j, b in cb.watcher._budgeted.items()}
             print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; gradwatch/overhead without the "
-                  f"one-off first runs (what max_overhead bounds) {cb.watcher._budgeted_share():.2%}; postponed steps "
+                  f"one-off first runs (what max_overhead bounds) {cb.watcher.budgeted_overhead():.2%}; postponed steps "
                   f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else ""), flush=True)
 
     print(f"\nsteps {args.steps}, {args.pairs} pairs (ABBA order); wall = time of trainer.fit, "

@@ -183,7 +183,7 @@ class Watcher:
             if self.ranks.from_zero(self._over_budget()):  # rank zero decides for every rank
                 self.postponed_steps += 1
                 self._warn_once("budget", f"gradwatch: postponing due diagnostics at step {step}: gradwatch has "
-                                f"used {100 * self._budgeted_share():.1f}% of the wall time (one-off costs aside), "
+                                f"used {100 * self.budgeted_overhead():.1f}% of the wall time (one-off costs aside), "
                                 f"over max_overhead={self.config.max_overhead}; they run at the first step back "
                                 "under it (raise max_overhead or lower the cadence to see more points; said once)")
             else:
@@ -450,7 +450,7 @@ class Watcher:
         wall = self.clock() - self._wall_start
         return seconds / wall if wall > 0 else 0.0
 
-    def _budgeted_share(self) -> float:
+    def budgeted_overhead(self) -> float:
         """gradwatch's share of wall time without its one-off costs: what ``max_overhead`` bounds."""
         return self._share(self._engine_seconds - self._warmup_seconds)
 
@@ -461,7 +461,7 @@ class Watcher:
         budget = self.config.max_overhead
         if budget is None or not (self._pending & self._warmed):
             return False
-        return self._budgeted_share() > budget
+        return self.budgeted_overhead() > budget
 
     # ---- budgeted cadences (Cadence.within_budget) -----------------------------------------------
 
