@@ -174,9 +174,9 @@ class Watcher:
         self._step = step
         self._skipped = False
         self._weights_before = None
-        due = {i for i, d in enumerate(self.diagnostics) if d.observe_cadence().budgeted_minimum is None
-               and d.observe_cadence().is_due(step)}
-        due |= self._budgeted_due(step)
+        cadences = [d.observe_cadence() for d in self.diagnostics]
+        due = {i for i, c in enumerate(cadences) if c.budgeted_minimum is None and c.is_due(step)}
+        due |= self._budgeted_due(step, cadences)
         self._pending |= due
         self._running = []
         if self._pending:
@@ -465,16 +465,17 @@ class Watcher:
 
     # ---- budgeted cadences (Cadence.within_budget) -----------------------------------------------
 
-    def _budgeted_due(self, step: int) -> set[int]:
-        """The ``within_budget`` diagnostics due at ``step``, decided by rank zero for every rank."""
-        ids = [i for i, d in enumerate(self.diagnostics) if d.observe_cadence().budgeted_minimum is not None]
+    def _budgeted_due(self, step: int, cadences: Sequence[Any]) -> set[int]:
+        """The ``within_budget`` diagnostics due at ``step`` (``cadences``: each diagnostic's observe cadence),
+        decided by rank zero for every rank."""
+        minima = {i: c.budgeted_minimum for i, c in enumerate(cadences) if c.budgeted_minimum is not None}
+        ids = list(minima)
         if not ids:
             return set()
         flags = []
         for i in ids:
             b = self._budgeted.setdefault(i, {"last": None, "cost": None, "runs": 0, "period": None})
-            minimum = self.diagnostics[i].observe_cadence().budgeted_minimum
-            assert minimum is not None
+            minimum = minima[i]
             if b["last"] is None:
                 flags.append(True)  # the first run of this run (step 1, or the first step after a resume)
                 continue

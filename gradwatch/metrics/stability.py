@@ -1219,7 +1219,6 @@ class SharpnessRatio(_StabilityDiagnostic):
     def __init__(self, config: StabilityConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.recent: list[tuple[int, float]] = []  # (step, ratio) of the last sharpness_sustain estimates
-        self.add_state("fresh", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
 
     def observe(self, ctx: StepContext) -> None:
         self._begin_observe(ctx)
@@ -1230,7 +1229,6 @@ class SharpnessRatio(_StabilityDiagnostic):
 
     def update(self, step: int, ratio: float) -> None:  # type: ignore[override]
         self.recent = (self.recent + [(int(step), float(ratio))])[-self.config.sharpness_sustain:]
-        self.fresh += 1
 
     def compute(self) -> Results:
         limit, k = self.config.sharpness_ratio_limit, self.config.sharpness_sustain
