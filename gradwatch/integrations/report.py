@@ -148,15 +148,22 @@ def _event_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: (len(p.parts), str(p)))
 
 
-def read_scalars(event_dir: str | os.PathLike) -> dict[str, Series]:
-    """Every scalar tag of the event files directly in ``event_dir`` (the last value wins where a step was
-    written twice, as after a resumed run)."""
+PICTURE_TAGS = ("signals/pair_examples",)  # images the report shows as they were logged (the last one)
+
+
+def _accumulator(event_dir: str | os.PathLike) -> Any:
+    """The event files directly in ``event_dir``, read once: every scalar, the last item of the rest (a
+    reservoir of one keeps the most recent image)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(event_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1,
                                                                   "histograms": 1, "audio": 1,
                                                                   "compressedHistograms": 1})
     accumulator.Reload()
+    return accumulator
+
+
+def _scalars_of(accumulator: Any) -> dict[str, Series]:
     out: dict[str, Series] = {}
     for tag in accumulator.Tags().get("scalars", []):
         by_step: dict[int, float] = {}
@@ -167,23 +174,19 @@ def read_scalars(event_dir: str | os.PathLike) -> dict[str, Series]:
     return out
 
 
-PICTURE_TAGS = ("signals/pair_examples",)  # images the report shows as they were logged (the last one)
-
-
-def read_pictures(event_dir: str | os.PathLike, tags: Sequence[str] = PICTURE_TAGS) -> dict[str, tuple[int, bytes]]:
-    """The last image of each of ``tags`` in the event files directly in ``event_dir``: (step, PNG bytes)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(event_dir), size_guidance={"scalars": 1, "images": 1, "tensors": 1,
-                                                                  "histograms": 1, "audio": 1,
-                                                                  "compressedHistograms": 1})
-    accumulator.Reload()  # a reservoir of one keeps the most recent image
+def _pictures_of(accumulator: Any, tags: Sequence[str] = PICTURE_TAGS) -> dict[str, tuple[int, bytes]]:
     out = {}
     for tag in accumulator.Tags().get("images", []):
         if tag in tags:
             last = accumulator.Images(tag)[-1]
             out[tag] = (int(last.step), bytes(last.encoded_image_string))
     return out
+
+
+def read_scalars(event_dir: str | os.PathLike) -> dict[str, Series]:
+    """Every scalar tag of the event files directly in ``event_dir`` (the last value wins where a step was
+    written twice, as after a resumed run)."""
+    return _scalars_of(_accumulator(event_dir))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -217,7 +220,8 @@ def load_run(path: str | os.PathLike) -> Run:
     if not root.is_dir():
         raise RunDirError(f"{str(path)!r} is not a directory")
     dirs = _event_dirs(root)
-    read = {d: read_scalars(d) for d in dirs}
+    accumulators = {d: _accumulator(d) for d in dirs}  # each directory's event files read once
+    read = {d: _scalars_of(a) for d, a in accumulators.items()}
     ours = [d for d in dirs if any(map(_is_gradwatch_tag, read[d]))]
     if len(ours) > 1:
         names = "\n  ".join(str(d) for d in ours)
@@ -240,7 +244,7 @@ def load_run(path: str | os.PathLike) -> Run:
             f"your trainer logs to with gradwatch on (e.g. lightning_logs/version_0, or output_dir/runs/<run> "
             f"for the Hugging Face Trainer)")
     scalars = {t: s for t, s in read[event_dir].items()} if event_dir else {}
-    pictures = read_pictures(event_dir) if event_dir else {}
+    pictures = _pictures_of(accumulators[event_dir]) if event_dir else {}
     return Run(root, event_dir, scalars, records.get("signals.jsonl", []), records.get("alerts.jsonl", []), pictures)
 
 
