@@ -730,20 +730,10 @@ def main(argv: list[str]) -> int:
     if mode in ("fsdp2", "hvp", "deadlock"):
         run_fsdp2(out_dir, mode)
         return 0
-    if mode == "reference":
-        run_reference(out_dir)
-        return 0
-    if mode == "gradwatch":
-        run_gradwatch_fsdp2(out_dir)
-        return 0
-    if mode == "gradwatch_reference":
-        run_gradwatch_reference(out_dir)
-        return 0
-    if mode == "signals":
-        run_signals_fsdp2(out_dir)
-        return 0
-    if mode == "signals_reference":
-        run_signals_reference(out_dir)
+    runs = {"reference": run_reference, "gradwatch": run_gradwatch_fsdp2, "gradwatch_reference": run_gradwatch_reference,
+            "signals": run_signals_fsdp2, "signals_reference": run_signals_reference}
+    if mode in runs:
+        runs[mode](out_dir)
         return 0
     if mode == "compare":
         return 0 if compare(out_dir) <= TOL else 1
