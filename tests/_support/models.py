@@ -43,11 +43,12 @@ class DictData(Dataset):
 
 
 class DictNet(nn.Module):
-    """:func:`mlp` with a Hugging Face style forward: ``{"loss", "logits"}`` (loss in float32 under autocast)."""
+    """A classifier ``net`` (default: :func:`mlp`) with a Hugging Face style forward: ``{"loss", "logits"}``,
+    the cross-entropy loss when given labels (in float32 under autocast)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, net: nn.Module | None = None) -> None:
         super().__init__()
-        self.net = mlp(seed)
+        self.net = net if net is not None else mlp(seed)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         logits = self.net(x)

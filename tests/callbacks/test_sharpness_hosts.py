@@ -13,7 +13,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,6 +22,7 @@ from gradwatch.callbacks.lightning import GradWatch as LightningGradWatch
 
 transformers = pytest.importorskip("transformers")
 from _lightning_helpers import TinyMLP  # noqa: E402
+from _support.models import DictNet  # noqa: E402
 from conftest import TokenData  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -118,17 +118,9 @@ def test_lightning_probe_larger_than_dataset_uses_all_of_it_and_says_so(tmp_path
 # ---- Hugging Face Trainer -------------------------------------------------------------------------
 
 
-class HFNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = bn_dropout_net()
-
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
+def HFNet() -> DictNet:  # noqa: N802 - stands where a class did
+    """:func:`bn_dropout_net` with a Hugging Face style forward."""
+    return DictNet(net=bn_dropout_net())
 
 
 class DictData(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from _signals_helpers import Classifier, planted
 from _support.launch import run_worker
+from _support.models import DictNet
 from conftest import read_scalars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -132,20 +133,12 @@ class DictData(torch.utils.data.Dataset):
         return {"x": x, "labels": y}
 
 
-class HFClassifier(nn.Module):
+class HFClassifier(DictNet):
     """A plain torch module with HF's calling convention: loss when given labels, logits always."""
 
     def __init__(self) -> None:
-        super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
-
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
+        super().__init__(net=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2)))
 
 
 def test_hf_observe_only_tags_and_records(tmp_path: Any) -> None:
