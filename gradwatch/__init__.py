@@ -9,7 +9,8 @@ families (``gradwatch.registry``), loaded on first use.
 
 from typing import Any
 
-from gradwatch.config import Cadence, WatchConfig
+from gradwatch.cadence import Cadence
+from gradwatch.config import WatchConfig
 
 __version__ = "0.1.0"
 

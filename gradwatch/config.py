@@ -1,169 +1,27 @@
-"""Configuration: :class:`WatchConfig` and :class:`Cadence`; the per-family configs live with their families.
+"""Configuration: :class:`WatchConfig`, the options of a whole run; the per-family configs live with their
+families (``gradwatch.registry`` lists them) and :class:`~gradwatch.cadence.Cadence` in :mod:`gradwatch.cadence`.
 
 Every option is validated when the object is built. A wrong value raises ``ValueError`` naming the
 field, the value given and what was expected (with the valid choices where there is a list), so that
-a typo fails before the first training step rather than an hour into a run.
+a typo fails before the first training step rather than an hour into a run (:mod:`gradwatch.checks`).
+
+This module names no family. ``Cadence``, ``as_cadence`` and the checks are re-exported here (their old
+home); ``from gradwatch.config import SpectraConfig`` and the families' other constants keep working through
+the module's ``__getattr__``.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Optional, Union
 
+from gradwatch.cadence import Cadence, as_cadence
+from gradwatch.checks import check_bool, check_callable, check_choice, check_float, check_int, fail
+
 ON_ERROR_CHOICES: tuple[str, ...] = ("warn", "raise")
-
-
-def fail(field_name: str, value: Any, expected: str) -> ValueError:
-    """The ValueError every bad option raises: the field, the value given and what was expected."""
-    return ValueError(f"gradwatch: `{field_name}` expected {expected}, got {value!r}")
-
-
-def check_int(field_name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise fail(field_name, value, f"an int >= {minimum}")
-    return value
-
-
-def check_float(field_name: str, value: Any, *, low: float, high: float, open_low: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
-    if (value <= low if open_low else value < low) or value > high:
-        raise fail(field_name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
-    return float(value)
-
-
-def check_choice(field_name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise fail(field_name, value, f"one of {list(choices)}")
-    return value
-
-
-class Cadence:
-    """When a diagnostic runs, as a set of optimizer steps (1-based: step t is the t-th update).
-
-    Build one with :meth:`every`, :meth:`log_spaced` or :meth:`at`, and combine them with ``|``::
-
-        Cadence.every(100) | Cadence.log_spaced(per_decade=4) | Cadence.at([1, 7])
-
-    A plain int ``n`` wherever a cadence is accepted means ``Cadence.every(n)``.
-    """
-
-    def __init__(self, *, every: int | None = None, first: bool = True, per_decade: int | None = None,
-                 steps: Iterable[int] = (), _parts: tuple[Cadence, ...] = (), _budgeted: int | None = None) -> None:
-        self._budgeted = None if _budgeted is None else check_int("minimum", _budgeted, minimum=1)
-        self._every = None if every is None else check_int("every", every, minimum=1)
-        self._first = bool(first)
-        self._per_decade = None if per_decade is None else check_int("per_decade", per_decade, minimum=1)
-        step_list = list(steps)
-        for s in step_list:
-            check_int("steps", s, minimum=1)
-        self._steps = frozenset(step_list)
-        self._parts = _parts
-
-    @classmethod
-    def every(cls, n: int, *, first: bool = True) -> Cadence:
-        """Due at every multiple of ``n`` (and at step 1 when ``first``, so a chart starts at the start)."""
-        return cls(every=check_int("every", n, minimum=1), first=first)
-
-    @classmethod
-    def log_spaced(cls, per_decade: int = 5) -> Cadence:
-        """Due at round(10**(k / per_decade)) for k = 0, 1, ...: dense early, sparse late."""
-        return cls(per_decade=check_int("per_decade", per_decade, minimum=1))
-
-    @classmethod
-    def at(cls, steps: Iterable[int]) -> Cadence:
-        """Due at exactly these steps."""
-        return cls(steps=steps)
-
-    @classmethod
-    def within_budget(cls, minimum: int = 1) -> Cadence:
-        """As often as the overhead budget allows: due at step 1, then every k >= ``minimum`` steps, where the
-        engine picks k from this diagnostic's measured cost and the training step's own time so that the
-        diagnostic takes at most its share of ``max_overhead`` (see ``Watcher.budgeted_period``)."""
-        return cls(_budgeted=check_int("minimum", minimum, minimum=1))
-
-    @property
-    def budgeted_minimum(self) -> int | None:
-        """``minimum`` of a :meth:`within_budget` cadence; None for the others."""
-        return self._budgeted
-
-    def __or__(self, other: Cadence) -> Cadence:
-        if not isinstance(other, Cadence):
-            return NotImplemented
-        if self._budgeted is not None or other._budgeted is not None:
-            raise ValueError("gradwatch: Cadence.within_budget() cannot be combined with another cadence")
-        return Cadence(_parts=(self, other))
-
-    def _key(self) -> tuple:
-        # `first` only matters for an every-n cadence
-        return (self._every, self._first if self._every is not None else True, self._per_decade, self._steps,
-                self._parts, self._budgeted)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Cadence):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def is_due(self, step: int) -> bool:
-        """Whether the diagnostic runs at optimizer step ``step`` (1-based)."""
-        if self._parts:
-            return any(p.is_due(step) for p in self._parts)
-        if self._budgeted is not None:  # the engine spaces the later runs (Watcher.budgeted_period)
-            return step == 1
-        if step in self._steps:
-            return True
-        if self._every is not None and (step % self._every == 0 or (self._first and step == 1)):
-            return True
-        if self._per_decade is not None and step >= 1:
-            k = round(self._per_decade * math.log10(step))
-            # step is due when it is the rounded value of some 10**(k/per_decade)
-            for kk in (k - 1, k, k + 1):
-                if kk >= 0 and round(10 ** (kk / self._per_decade)) == step:
-                    return True
-        return False
-
-    def __repr__(self) -> str:
-        if self._parts:
-            return " | ".join(repr(p) for p in self._parts)
-        if self._budgeted is not None:
-            return f"Cadence.within_budget(minimum={self._budgeted})"
-        bits = []
-        if self._every is not None:
-            bits.append(f"Cadence.every({self._every}{'' if self._first else ', first=False'})")
-        if self._per_decade is not None:
-            bits.append(f"Cadence.log_spaced({self._per_decade})")
-        if self._steps:
-            bits.append(f"Cadence.at({sorted(self._steps)})")
-        return " | ".join(bits) or "Cadence.at([])"
-
-
-def as_cadence(field_name: str, value: Any) -> Cadence:
-    """Coerce an int or a :class:`Cadence` into a Cadence, or raise a ValueError naming the field."""
-    if isinstance(value, Cadence):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(field_name, value, "a positive int or a gradwatch.Cadence")
-    return Cadence.every(value)
-
-
-
-
-def check_bool(field_name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise fail(field_name, value, "True or False")
-    return value
-
-
-def check_callable(field_name: str, value: Any, what: str) -> Any:
-    if value is not None and not callable(value):
-        raise fail(field_name, value, what)
-    return value
 
 
 #: The options every family shares, with their defaults (families come from ``gradwatch.registry``).
@@ -242,12 +100,13 @@ class WatchConfig:
             raise fail("include", values["include"], "at least one glob pattern, e.g. ['*']")
         for name in ("embeddings", "output_head"):
             check_bool(name, values[name])
-        for legacy in ("embeddings", "output_head"):  # once options of SpectraConfig; now shared by every family
-            spectra = chosen.get("spectra")
-            if spectra is not None and getattr(spectra, legacy, None):
-                warnings.warn(f"gradwatch: SpectraConfig({legacy}=True) is deprecated; layer selection is shared "
-                              f"by every family: use WatchConfig({legacy}=True)", DeprecationWarning, stacklevel=2)
-                values[legacy] = True
+        for legacy in ("embeddings", "output_head"):  # once options of a family's config; now shared by every family
+            for fam_config in chosen.values():
+                if fam_config is not None and getattr(fam_config, legacy, None):
+                    warnings.warn(f"gradwatch: {type(fam_config).__name__}({legacy}=True) is deprecated; layer "
+                                  f"selection is shared by every family: use WatchConfig({legacy}=True)",
+                                  DeprecationWarning, stacklevel=2)
+                    values[legacy] = True
         if values["log_dir"] is not None and not isinstance(values["log_dir"], str):
             raise fail("log_dir", values["log_dir"], "a directory path (str) or None")
         if values["max_overhead"] is not None:
@@ -358,13 +217,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    # SpectraConfig & co. moved beside their families; the old import path keeps working
+    # The family configs (SpectraConfig & co.) and their constants (SPECTRUM_METHODS, ...) once lived here and
+    # moved beside their families; the old import path keeps working: the package's public names, then the
+    # upper-case constants of the registered families' config modules.
     import gradwatch
+    from gradwatch.registry import families
 
-    if name in ("SPECTRUM_STATS", "SPECTRUM_METHODS"):
-        from gradwatch.metrics import grad_spectrum
-
-        return getattr(grad_spectrum, name)
     if name in getattr(gradwatch, "__all__", ()):
         return getattr(gradwatch, name)
+    if name.isupper():
+        for fam in families():
+            module = sys.modules.get(fam.config_class.__module__)
+            if module is not None and hasattr(module, name):
+                return getattr(module, name)
     raise AttributeError(f"module 'gradwatch.config' has no attribute {name!r}")
+
+
+__all__ = ["ON_ERROR_CHOICES", "Cadence", "WatchConfig", "as_cadence", "check_bool", "check_callable", "check_choice",
+           "check_float", "check_int", "fail", "list_watch_options", "watch_signature"]

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gradwatch.config import Cadence, WatchConfig
+from gradwatch.cadence import Cadence
+from gradwatch.config import WatchConfig
 from gradwatch.registry import families
 
 

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from gradwatch.config import Cadence
+from gradwatch.cadence import Cadence
 
 if TYPE_CHECKING:  # pragma: no cover
     pass

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gradwatch.config import Cadence, as_cadence, check_bool, check_choice, check_int, fail
+from gradwatch.cadence import Cadence, as_cadence
+from gradwatch.checks import check_bool, check_choice, check_int, fail
 from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, Results, StepContext
 from gradwatch.registry import BuildInputs, Family

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch.config import Cadence, as_cadence, check_bool, check_float, check_int, fail
+from gradwatch.cadence import Cadence, as_cadence
+from gradwatch.checks import check_bool, check_float, check_int, fail
 from gradwatch.functional.sharpness import sharpness_estimate
 from gradwatch.functional.thresholds import adam_preconditioner, optimizer_threshold
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Results, StepContext

@@ -83,7 +83,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gradwatch.config import Cadence, as_cadence, check_bool, check_choice, check_float, check_int, fail
+from gradwatch.cadence import Cadence, as_cadence
+from gradwatch.checks import check_bool, check_choice, check_float, check_int, fail
 from gradwatch.functional.attention import (
     MAX_EXACT_LEN,
     AttentionStatistics,
