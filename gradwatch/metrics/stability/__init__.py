@@ -92,5 +92,5 @@ from gradwatch.metrics.stability.spikes import GradNormSpikes, LossSpikes
 from gradwatch.metrics.stability.update_ratio import UpdateRatio
 
 __all__ = ["FAMILY", "ActivationRMS", "AdamEpsShare", "AlertBoard", "AttentionLogits", "GradNormSpikes", "LossSpikes",
-           "NoiseScale", "OutputLogits", "SharpnessRatio", "StabilityConfig", "UpdateRatio", "build", "find_attention_modules",
-           "find_blocks", "find_logits_module"]
+           "NoiseScale", "OutputLogits", "SharpnessRatio", "StabilityConfig", "UpdateRatio", "build",
+           "find_attention_modules", "find_blocks", "find_logits_module"]

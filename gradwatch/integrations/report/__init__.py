@@ -1,0 +1,61 @@
+"""Static reports from a run directory: reading gradwatch's TensorBoard scalars and JSONL records back,
+the figures (PNG, matplotlib's Agg canvas), the HTML pages of ``gradwatch report`` and ``gradwatch compare``.
+
+A *run directory* is the directory a trainer's TensorBoard writer logs to (``lightning_logs/version_0``,
+HF's ``output_dir/runs/<run>``), or any directory above exactly one such directory with gradwatch's tags.
+It holds the event files (scalar tags ``grad_spectrum/<stat>/<param>``, ``sharpness/...``, ``signals/...``,
+``stability/...``, ``gradwatch/overhead``) and the records ``signals.jsonl`` and ``alerts.jsonl``.
+
+Run comparison follows the seed papers (Li et al. 2024, fast vs. slow thinking; "How instruction and
+reasoning data shape post-training", 2025), which compare runs by each layer's statistic: for a statistic
+and a layer family (parameter names with their layer index replaced by ``*``),
+
+    a_l = mean over run A's logged steps of layer l's statistic,   b_l likewise for run B,
+    RD  = (1 / |L|) sum_{l in L} |a_l - b_l| / |a_l|,
+
+where L are the family's layers logged in both runs whose averages are finite with a_l != 0 (a NaN step,
+logged when a layer's gradient was not finite, is left out of that layer's average). Averaging each layer
+over the whole run first compares the runs' typical per-layer profiles and does not need the two runs to
+have logged the same steps.
+
+The package: :mod:`~gradwatch.integrations.report.runs` reads run directories,
+:mod:`~gradwatch.integrations.report.compare` compares two runs,
+:mod:`~gradwatch.integrations.report.plots` draws the figures and
+:mod:`~gradwatch.integrations.report.page` writes the pages; every name below is importable from here.
+"""
+
+from gradwatch.integrations.report.compare import (
+    Comparison,
+    compare_runs,
+    format_comparison_table,
+    layer_means,
+    relative_difference,
+)
+from gradwatch.integrations.report.page import write_comparison, write_report
+from gradwatch.integrations.report.plots import LOG_SCALE_STATS
+from gradwatch.integrations.report.runs import (
+    GRADWATCH_PREFIXES,
+    PICTURE_TAGS,
+    RECORD_FILES,
+    SPECTRUM_ORDER,
+    STABILITY_PER_LAYER,
+    Run,
+    RunDirError,
+    Series,
+    layer_family,
+    layer_matrix,
+    load_run,
+    natural_key,
+    read_jsonl,
+    read_scalars,
+    spectrum_layers,
+    spectrum_tag,
+    stability_layers,
+    tag_matrix,
+)
+
+__all__ = ["GRADWATCH_PREFIXES", "LOG_SCALE_STATS", "PICTURE_TAGS", "RECORD_FILES", "SPECTRUM_ORDER",
+           "STABILITY_PER_LAYER", "Comparison", "Run", "RunDirError", "Series", "compare_runs",
+           "format_comparison_table", "layer_family", "layer_matrix", "layer_means", "load_run", "natural_key",
+           "read_jsonl", "read_scalars", "relative_difference", "spectrum_layers", "spectrum_tag", "stability_layers",
+           "tag_matrix", "write_comparison", "write_report"]
