@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _support.references import svd_statistics
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -90,21 +91,7 @@ def reference_statistics(grads: Mapping[str, Tensor], names: tuple[str, ...] = W
     out: dict[str, float] = {}
     per_stat: dict[str, list[float]] = {s: [] for s in STATS}
     for name in names:
-        g = grads[name].detach().double().cpu().numpy()
-        g = g.reshape(g.shape[0], -1)
-        s = np.linalg.svd(g, compute_uv=False)
-        nuclear, top = s.sum(), s[0]
-        fro = float(np.sqrt((g * g).sum()))
-        p = s / nuclear
-        p = p[p > 0]
-        values = {
-            "nuclear_norm": nuclear,
-            "spectral_norm": top,
-            "frobenius_norm": fro,
-            "stable_rank": fro ** 2 / top ** 2,
-            "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
-            "top1_ratio": top / nuclear,
-        }
+        values = svd_statistics(grads[name])
         for stat, v in values.items():
             out[f"grad_spectrum/{stat}/{name}"] = float(v)
             per_stat[stat].append(float(v))

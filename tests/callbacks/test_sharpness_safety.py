@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from _lightning_helpers import TinyMLP  # noqa: E402
 from _support.launch import run_worker
+from _support.references import dense_hessian_of_forward, top_eigenvalue
 from conftest import TokenData
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradwatch import SharpnessConfig, WatchConfig
@@ -46,20 +46,9 @@ def read_scalars(log_dir: str) -> dict[str, dict[int, float]]:
 
 
 def dense_top_eigenvalue(model: nn.Module, loss_of: Any) -> float:
-    """Top eigenvalue of the float64 dense Hessian of ``loss_of(model_with_params)`` over the trainable
-    parameters, evaluated on a float64 copy of ``model`` (same, possibly bf16-rounded, values)."""
-    ref = copy.deepcopy(model).double().eval()
-    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
-    names, shapes = [n for n, _ in named], [p.shape for _, p in named]
-    buffers = dict(ref.named_buffers())
-    flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def f(flat: Tensor) -> Tensor:
-        pieces = torch.split(flat, [math.prod(s) for s in shapes])
-        state = {n: p.view(s) for n, p, s in zip(names, pieces, shapes)} | buffers
-        return loss_of(lambda x: functional_call(ref, state, (x,)))
-
-    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat0))[-1])
+    """Top eigenvalue of the float64 dense Hessian of ``loss_of(forward)`` over the trainable parameters,
+    evaluated on a float64 copy of ``model`` in eval mode (same, possibly bf16-rounded, values)."""
+    return top_eigenvalue(dense_hessian_of_forward(copy.deepcopy(model).double().eval(), loss_of))
 
 
 # ---- bf16 --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 tbparse = pytest.importorskip("tbparse")
 
+from _support.references import svd_statistics  # noqa: E402
 from conftest import read_scalars  # noqa: E402
 from tbparse import SummaryReader  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
@@ -90,23 +91,6 @@ def training_args(tmp_path: Any, **overrides: Any) -> TrainingArguments:
 
 
 # ---- references -----------------------------------------------------------------------------------
-
-
-def numpy_stats(matrix: Any) -> dict[str, float]:
-    """The six statistics from a float64 numpy SVD (the reference)."""
-    g = np.asarray(matrix, dtype=np.float64)
-    s = np.linalg.svd(g, compute_uv=False)
-    p = s / s.sum()
-    p = p[p > 0]
-    return {
-        "nuclear_norm": float(s.sum()),
-        "spectral_norm": float(s[0]),
-        "frobenius_norm": float(np.sqrt((s ** 2).sum())),
-        "stable_rank": float((s ** 2).sum() / s[0] ** 2),
-        "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
-        "top1_ratio": float(s[0] / s.sum()),
-    }
-
 
 
 def spectrum_tags(scalars: dict[str, dict[int, float]], stat: str,
@@ -242,12 +226,12 @@ def test_bert_values_are_preclip_spectra(bert_run: dict[str, Any]) -> None:
         for n in names:
             np.testing.assert_allclose(clipped[n], pre[n] * coef, rtol=1e-4, atol=1e-12 * np.abs(pre[n]).max())
         for n in names:
-            ref = numpy_stats(pre[n])
+            ref = svd_statistics(pre[n])
             for stat in SPECTRUM_STATS:
                 logged = scalars[f"grad_spectrum/{stat}/{n}"][step]
                 assert logged == pytest.approx(ref[stat], rel=RTOL), (step, n, stat)
             # without the reconstruction the norms would be those of the clipped gradient: far smaller
-            clipped_ref = numpy_stats(clipped[n])
+            clipped_ref = svd_statistics(clipped[n])
             assert clipped_ref["spectral_norm"] < 0.01 * scalars[f"grad_spectrum/spectral_norm/{n}"][step]
             assert clipped_ref["spectral_norm"] == pytest.approx(coef * ref["spectral_norm"], rel=1e-4)
 
@@ -333,14 +317,14 @@ def test_gpt2_fused_qkv_split(tmp_path: Any) -> None:
             g = grads[c_attn]  # Conv1D stores (in, 3*out): block i is columns [32 i, 32 (i+1))
             assert g.shape == (32, 96)
             for i, part in enumerate("qkv"):
-                ref = numpy_stats(g[:, 32 * i:32 * (i + 1)].T)
+                ref = svd_statistics(g[:, 32 * i:32 * (i + 1)].T)
                 for stat in SPECTRUM_STATS:
                     assert scalars[f"grad_spectrum/{stat}/{c_attn}.{part}"][step] == pytest.approx(ref[stat], rel=RTOL)
-            fused = numpy_stats(g.T)["nuclear_norm"]
+            fused = svd_statistics(g.T)["nuclear_norm"]
             q = scalars[f"grad_spectrum/nuclear_norm/{c_attn}.q"][step]
             k = scalars[f"grad_spectrum/nuclear_norm/{c_attn}.k"][step]
             assert abs(q - k) > 1e-3 * q and abs(q - fused) > 1e-3 * fused  # really three blocks
-            ref = numpy_stats(grads[f"transformer.h.{layer}.mlp.c_fc.weight"].T)
+            ref = svd_statistics(grads[f"transformer.h.{layer}.mlp.c_fc.weight"].T)
             assert scalars[f"grad_spectrum/spectral_norm/transformer.h.{layer}.mlp.c_fc.weight"][step] == pytest.approx(
                 ref["spectral_norm"], rel=RTOL)
         mad = scalars["grad_spectrum/mad/stable_rank/transformer.h.*.attn.c_attn.weight.v"][step]
@@ -399,11 +383,11 @@ def test_gradient_accumulation_logs_optimizer_steps(tmp_path: Any) -> None:
         assert set(scalars[f"grad_spectrum/{stat}/{name}"]) == steps  # 8 micro-batches, 4 optimizer steps
     for step in sorted(steps):
         accumulated = capture.clipped[step][name]
-        ref = numpy_stats(accumulated)
+        ref = svd_statistics(accumulated)
         for stat in SPECTRUM_STATS:
             assert scalars[f"grad_spectrum/{stat}/{name}"][step] == pytest.approx(ref[stat], rel=RTOL)
         # the first micro-batch alone has a different gradient: what was logged is the accumulated one
-        first_micro = numpy_stats(capture.substep[step][name])
+        first_micro = svd_statistics(capture.substep[step][name])
         assert abs(first_micro["nuclear_norm"] - ref["nuclear_norm"]) > 1e-3 * ref["nuclear_norm"]
 
 
@@ -445,7 +429,7 @@ def _per_example_reference(model: nn.Module, dataset: Any, indices: list[int],
         twin.zero_grad(set_to_none=True)
         twin(**batch).loss.backward()
         for n in names:
-            for stat, v in numpy_stats(params[n].grad.double().numpy()).items():
+            for stat, v in svd_statistics(params[n].grad.double().numpy()).items():
                 sums[n][stat] += v / len(indices)
     return sums
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import scipy.linalg
 import torch
+from _support.references import dense_hessian_of_forward
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradwatch.functional.hessian import (
@@ -25,31 +25,10 @@ from gradwatch.functional.thresholds import adam_preconditioner
 
 
 def _dense_hessian(model: nn.Module, loss_of_output, x: torch.Tensor, *, func: bool = True) -> torch.Tensor:
-    """float64 Hessian of ``loss_of_output(model(x))`` w.r.t. all parameters.
-
-    ``func=True`` uses ``torch.func.hessian``; ``func=False`` uses ``torch.autograd.functional.hessian``
-    (needed for LayerNorm: torch.func's jacfwd/jacrev Hessian through an affine LayerNorm whose input
-    depends on the parameters is wrong in torch 2.13).
-    """
-    model = copy.deepcopy(model).double()
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in named]
-
-    def loss_of_flat(flat: torch.Tensor) -> torch.Tensor:
-        pieces = torch.split(flat, sizes)
-        params = {n: piece.reshape(p.shape) for (n, p), piece in zip(named, pieces)}
-        return loss_of_output(functional_call(model, params, (x.double(),)))
-
-    flat0 = torch.cat([p.reshape(-1) for _, p in named])
-    if func:
-        return torch.func.hessian(loss_of_flat)(flat0)
-    dense = torch.autograd.functional.hessian(loss_of_flat, flat0)
-    # Independent check of the reference: central differences of the gradient along a direction.
-    v = torch.randn(flat0.numel(), generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-    grad = torch.func.grad(loss_of_flat)
-    fd = (grad(flat0 + 1e-5 * v) - grad(flat0 - 1e-5 * v)) / 2e-5
-    assert torch.allclose(dense @ v, fd, rtol=1e-6, atol=1e-8)
-    return dense
+    """float64 Hessian of ``loss_of_output(model(x))`` w.r.t. all parameters, on a float64 copy of ``model``
+    (``func=False``: torch.autograd's, checked against central differences; see ``dense_hessian``)."""
+    return dense_hessian_of_forward(copy.deepcopy(model).double(), lambda forward: loss_of_output(forward(x.double())),
+                                    func=func, check=not func)
 
 
 def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _support.references import statistics_from_singular_values, svd_statistics
 
 from gradwatch.functional.spectra import (
     STATISTICS,
@@ -28,27 +29,6 @@ def planted(m: int, n: int, s: np.ndarray, seed: int = 0, dtype: torch.dtype = t
     return torch.tensor((u * s) @ v.T, dtype=dtype)
 
 
-def reference_from_singular_values(s: np.ndarray) -> dict[str, float]:
-    """The six statistics from a spectrum, in float64 (effective rank: natural log, p_i = s_i / sum s_j)."""
-    s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
-    nuclear = s.sum()
-    p = s / nuclear
-    p = p[p > 0]
-    return {
-        "nuclear_norm": nuclear,
-        "spectral_norm": s[0],
-        "frobenius_norm": math.sqrt((s**2).sum()),
-        "stable_rank": (s**2).sum() / s[0] ** 2,
-        "effective_rank": math.exp(-(p * np.log(p)).sum()),
-        "top1_ratio": s[0] / nuclear,
-    }
-
-
-def reference(matrix: torch.Tensor) -> dict[str, float]:
-    """Statistics of the float64 SVD of exactly the matrix given (a float32 matrix cast to float64)."""
-    return reference_from_singular_values(np.linalg.svd(matrix.double().numpy(), compute_uv=False))
-
-
 def rel_err(value: float, ref: float) -> float:
     return abs(value - ref) / abs(ref)
 
@@ -68,7 +48,7 @@ CASES = {
 def test_float32_input_matches_float64_svd(case: str, method: str) -> None:
     m, n, s = CASES[case]
     a = planted(m, n, s, dtype=torch.float32)
-    ref = reference(a)
+    ref = svd_statistics(a)
     values, nonfinite = gradient_spectrum_statistics([a], method=method)
     assert not nonfinite.any()
     assert set(values) == set(STATISTICS)
@@ -85,7 +65,7 @@ def test_float64_input_matches_planted_spectrum(case: str, method: str) -> None:
     """In float64 the planted matrix's spectrum is the planted one to ~1e-15: compare with it directly."""
     m, n, s = CASES[case]
     a = planted(m, n, s, dtype=torch.float64)
-    ref = reference_from_singular_values(s)
+    ref = statistics_from_singular_values(s)
     values, _ = gradient_spectrum_statistics([a], method=method)
     for stat in STATISTICS:
         err = rel_err(values[stat].item(), ref[stat])
@@ -124,7 +104,7 @@ def test_effective_rank_uses_all_values_and_natural_log() -> None:
 def test_svdvals_is_a_float64_reference_for_rank_deficient_float32() -> None:
     """A float32 SVD of a rank-deficient 384x384 gradient moved effective rank by 1.6e-5; the reference must not."""
     a = planted(384, 384, np.linspace(5.0, 1.0, 8), seed=3, dtype=torch.float32)
-    ref = reference(a)
+    ref = svd_statistics(a)
     for method in ("svdvals", "gram"):
         values, _ = gradient_spectrum_statistics([a], method=method)
         for stat in ("nuclear_norm", "effective_rank"):
@@ -134,7 +114,7 @@ def test_svdvals_is_a_float64_reference_for_rank_deficient_float32() -> None:
 
 def test_gram32_accurate_when_well_conditioned() -> None:
     a = planted(40, 30, np.linspace(3.0, 1.0, 30), dtype=torch.float32)
-    ref = reference(a)
+    ref = svd_statistics(a)
     values, _ = gradient_spectrum_statistics([a], method="gram32")
     for stat in STATISTICS:
         assert rel_err(values[stat].item(), ref[stat]) < 1e-4, stat
@@ -144,7 +124,7 @@ def test_gram32_inaccurate_when_rank_deficient() -> None:
     """Why "gram" (float64) is the default: in float32 the Gram's rounding noise, ~eps32 * s_1^2, turns the 27
     zero singular values of a rank-3 matrix into values ~3e-4 * s_1 that inflate nuclear norm and effective rank."""
     a = planted(40, 30, np.array([5.0, 2.0, 0.5]), dtype=torch.float32)
-    ref = reference(a)
+    ref = svd_statistics(a)
     g32, _ = gradient_spectrum_statistics([a], method="gram32")
     g64, _ = gradient_spectrum_statistics([a], method="gram")
     err32 = rel_err(g32["nuclear_norm"].item(), ref["nuclear_norm"])
@@ -185,7 +165,7 @@ def test_grouping_matches_one_at_a_time(method: str) -> None:
     assert not nonfinite.any()
     for i, m in enumerate(mats):
         alone, _ = gradient_spectrum_statistics([m], method=method)
-        ref = reference(m)
+        ref = svd_statistics(m)
         for stat in STATISTICS:
             assert together[stat].shape == (len(mats),)
             assert together[stat][i].item() == pytest.approx(alone[stat].item(), rel=1e-12, abs=0), (i, stat)
@@ -277,7 +257,7 @@ def test_conv_kernel_as_matrix() -> None:
     assert mat.shape == (6, 75)
     assert mat.data_ptr() == kernel.data_ptr()  # a view
     torch.testing.assert_close(mat[2, 3 * 25 - 1], kernel[2, 2, 4, 4])
-    ref = reference(kernel.reshape(6, -1))
+    ref = svd_statistics(kernel.reshape(6, -1))
     values, _ = gradient_spectrum_statistics([mat])
     for stat in STATISTICS:
         assert rel_err(values[stat].item(), ref[stat]) < RTOL, stat
@@ -333,7 +313,7 @@ def test_half_precision_inputs() -> None:
     a = planted(16, 8, np.linspace(2.0, 1.0, 8), dtype=torch.float32)
     for dtype in (torch.bfloat16, torch.float16):
         low = a.to(dtype)
-        ref = reference(low)  # of exactly the rounded matrix
+        ref = svd_statistics(low)  # of exactly the rounded matrix
         for method in ("gram", "svdvals"):
             values, _ = gradient_spectrum_statistics([low], method=method)
             for stat in STATISTICS:

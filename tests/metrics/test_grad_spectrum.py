@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from _support.references import svd_statistics
 
 from gradwatch.config import Cadence, SpectraConfig, WatchConfig
 from gradwatch.engine.layers import WatchedMatrix
@@ -26,16 +27,6 @@ FAMILIES = ["model.layers.*.q.weight", "model.layers.*.q.weight", "model.layers.
 SHAPES = [(8, 8), (8, 8), (12, 8), (12, 8), (3, 8)]
 
 
-def reference_stats(matrix: torch.Tensor) -> dict[str, float]:
-    s = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
-    nuc = s.sum()
-    p = s / nuc
-    p = p[p > 0]
-    return {"nuclear_norm": nuc, "spectral_norm": s[0], "frobenius_norm": math.sqrt((s**2).sum()),
-            "stable_rank": (s**2).sum() / s[0] ** 2, "effective_rank": math.exp(-(p * np.log(p)).sum()),
-            "top1_ratio": s[0] / nuc}
-
-
 def random_update(seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(*sh, generator=gen) * (i + 1) for i, sh in enumerate(SHAPES)]
@@ -51,7 +42,7 @@ def expected_means(updates: list[list[torch.Tensor | None]]) -> dict[str, list[f
     for stat in STATISTICS:
         row = []
         for layer in range(len(TAGS)):
-            vals = [reference_stats(u[layer])[stat] for u in updates
+            vals = [svd_statistics(u[layer])[stat] for u in updates
                     if u[layer] is not None and torch.isfinite(u[layer]).all()]
             row.append(float(np.mean(vals)) if vals else math.nan)
         out[stat] = row
@@ -143,7 +134,7 @@ def test_nonfinite_layer_left_out_of_its_mean() -> None:
             assert out[f"grad_spectrum/{stat}/{tag}"].item() == pytest.approx(want[stat][layer], rel=1e-9)
         # layer 1 is the mean of updates 1 and 3 only
         assert out[f"grad_spectrum/{stat}/{TAGS[1]}"].item() == pytest.approx(
-            (reference_stats(u1[1])[stat] + reference_stats(u3[1])[stat]) / 2, rel=1e-9)
+            (svd_statistics(u1[1])[stat] + svd_statistics(u3[1])[stat]) / 2, rel=1e-9)
     # two non-finite layer-steps over three updates
     assert out["grad_spectrum/nonfinite_layers"].item() == pytest.approx(2 / 3)
     assert metric.nonfinite.item() == 2 and metric.updates.item() == 3

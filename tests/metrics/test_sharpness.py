@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _support.references import dense_hessian, top_eigenvalue
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
@@ -32,19 +33,6 @@ def watcher_for(model: nn.Module, dataset: TensorDataset, *, batch_size: int, tr
     return w
 
 
-def dense_hessian(model: nn.Module, loss_of_model) -> Tensor:
-    """Float64 dense Hessian of ``loss_of_model(params_dict)`` over all parameters (flat, named order)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-
-    def f(flat: Tensor) -> Tensor:
-        pieces = torch.split(flat, [math.prod(s) for s in shapes])
-        return loss_of_model({n: p.view(s) for n, p, s in zip(names, pieces, shapes)})
-
-    return torch.autograd.functional.hessian(f, flat0)
-
-
 def mlp(seed: int = 0, dims=(4, 6, 3)) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -59,15 +47,11 @@ def data(n: int = 16, d_in: int = 4, d_out: int = 3, seed: int = 1) -> TensorDat
                          torch.randn(n, d_out, generator=g, dtype=torch.float64))
 
 
-def top_eig(h: Tensor) -> float:
-    return float(torch.linalg.eigvalsh(h)[-1])
-
-
 def test_lambda_max_matches_dense_hessian_and_sgd_threshold() -> None:
     model, ds = mlp(), data()
     x, y = ds.tensors
     h = dense_hessian(model, lambda p: 0.5 * (functional_call(model, p, (x,)) - y).square().sum(1).mean())
-    exact = top_eig(h)
+    exact = top_eigenvalue(h)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = watcher_for(model, ds, batch_size=len(ds)).run_step(1, optimizer=opt)
     assert out["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-4)
@@ -86,7 +70,7 @@ def test_linear_least_squares_closed_form() -> None:
     def mse(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         return (m(batch[0]) - batch[1]).square().mean()
 
-    exact = top_eig(2 * x.T @ x / len(x))
+    exact = top_eigenvalue(2 * x.T @ x / len(x))
     out = watcher_for(model, ds, batch_size=len(ds), training_loss=mse).run_step(
         1, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert out["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-6)
@@ -106,7 +90,7 @@ def test_summed_loss_keeps_training_batch_scale() -> None:
         return sum(0.5 * (functional_call(model, p, (x[i:i + 8],)) - y[i:i + 8]).square().sum()
                    for i in range(0, 24, 8)) / 3
 
-    exact = top_eig(dense_hessian(model, loss_of))
+    exact = top_eigenvalue(dense_hessian(model, loss_of))
     per_example_mean = exact / 8
     for opt, threshold in ((torch.optim.SGD(model.parameters(), lr=0.05), 2 / 0.05),
                            (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), (2 + 2 * 0.9) / 0.05)):
@@ -132,11 +116,11 @@ def test_adam_preconditioned_sharpness() -> None:
     v = torch.cat([opt.state[q]["exp_avg_sq"].reshape(-1) for q in model.parameters()]).double()
     assert torch.allclose(p, (1 - 0.9**3) * ((v / (1 - 0.999**3)).sqrt() + 1e-8))
     s = p.rsqrt()
-    exact_pre = top_eig(s[:, None] * h * s[None, :])
+    exact_pre = top_eigenvalue(s[:, None] * h * s[None, :])
     out = watcher_for(model, ds, batch_size=len(ds)).run_step(4, optimizer=opt)
-    assert out["sharpness/lambda_max"] == pytest.approx(top_eig(h), rel=1e-4)
+    assert out["sharpness/lambda_max"] == pytest.approx(top_eigenvalue(h), rel=1e-4)
     assert out["sharpness/lambda_max_precond"] == pytest.approx(exact_pre, rel=1e-4)
-    assert exact_pre > 10 * top_eig(h)  # the preconditioner matters here
+    assert exact_pre > 10 * top_eigenvalue(h)  # the preconditioner matters here
     assert out["sharpness/threshold"] == pytest.approx(38 / 1e-3, rel=1e-12)
     assert out["sharpness/ratio"] == pytest.approx(exact_pre / (38 / 1e-3), rel=1e-4)
     assert out["sharpness/converged"] == 1.0
