@@ -22,6 +22,7 @@ from gradwatch.callbacks.lightning import GradWatch as LightningGradWatch
 
 transformers = pytest.importorskip("transformers")
 from _lightning_helpers import TinyMLP  # noqa: E402
+from _support.hf import training_args  # noqa: E402
 from _support.models import DictNet  # noqa: E402
 from conftest import TokenData  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -135,12 +136,8 @@ class DictData(torch.utils.data.Dataset):
 
 
 def hf_args(tmp_path: Any, **overrides: Any) -> TrainingArguments:
-    kwargs: dict[str, Any] = dict(output_dir=str(tmp_path), use_cpu=True, save_strategy="no", report_to=["tensorboard"],
-                                  disable_tqdm=True, per_device_train_batch_size=16, max_steps=20, logging_steps=1,
-                                  seed=0, data_seed=0, dataloader_num_workers=0, learning_rate=0.1,
-                                  lr_scheduler_type="constant", optim="sgd", remove_unused_columns=False)
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    """:func:`_support.hf.training_args` with this file's defaults: 20 steps of plain SGD at lr 0.1."""
+    return training_args(tmp_path, **{"max_steps": 20, "learning_rate": 0.1, "optim": "sgd", **overrides})
 
 
 def test_hf_bitwise_identical_weights_and_tags(tmp_path: Any) -> None:

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _support.sinks import RecordingSink
 from torch import nn
 
 import gradwatch
@@ -16,35 +17,6 @@ from gradwatch.engine import GradWatchAlert, GradWatchError, Watcher, extra_pass
 from gradwatch.integrations.tensorboard import TensorBoardSink
 from gradwatch.metrics import GradSpectrum
 from gradwatch.metrics.base import ActivationSite, Alert, Diagnostic, Results
-
-
-class RecordingSink:
-    """A sink that keeps everything it is given."""
-
-    def __init__(self) -> None:
-        self.scalars: dict[int, dict[str, float]] = {}
-        self.emissions: dict[int, object] = {}
-        self.charts: list = []
-        self.restored: dict | None = None
-
-    def open(self, charts):
-        self.charts = list(charts)
-
-    def write(self, step, emission):
-        self.scalars.setdefault(step, {}).update(emission.scalars)
-        self.emissions[step] = emission
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-    def state_dict(self):
-        return {"steps": sorted(self.scalars)}
-
-    def load_state_dict(self, state):
-        self.restored = dict(state)
 
 
 class FakeClock:

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import torch
 from _support.models import TinyTransformer, sequence_data
+from _support.sinks import RecordingSink
 
 from gradwatch import WatchConfig
 from gradwatch.config import Cadence
@@ -116,30 +117,6 @@ def test_every_registered_family_has_cases():
 # ---- the harness ----------------------------------------------------------------------------------------
 
 
-class RecordingSink:
-    def __init__(self) -> None:
-        self.emissions: dict[int, Any] = {}
-
-    def open(self, charts):  # noqa: ANN001
-        self.charts = list(charts)
-
-    def write(self, step, emission):  # noqa: ANN001
-        assert step not in self.emissions, f"two emissions at step {step}"
-        self.emissions[step] = emission
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):  # noqa: ANN001
-        pass
-
-
 @contextlib.contextmanager
 def alone(case: Case) -> Iterator[None]:
     """Register a family that builds just ``case``'s diagnostic (its family's build, that one item)."""
@@ -166,7 +143,7 @@ class Run:
         if like is not None:
             self.optimizer.load_state_dict(copy.deepcopy(like.optimizer.state_dict()))  # load_state_dict keeps the tensors
         self.data = sequence_data(max(64, case.probe_size))
-        self.sink = RecordingSink()
+        self.sink = RecordingSink(one_emission_per_step=True)
         off = {f.key: False for f in families() if f.key != ALONE}
         self.watcher = Watcher(WatchConfig(**off, **{ALONE: case.config}, max_overhead=None, on_error=on_error))
 

@@ -6,17 +6,8 @@ HF's ``output_dir/runs/<run>``), or any directory above exactly one such directo
 It holds the event files (scalar tags ``grad_spectrum/<stat>/<param>``, ``sharpness/...``, ``signals/...``,
 ``stability/...``, ``gradwatch/overhead``) and the records ``signals.jsonl`` and ``alerts.jsonl``.
 
-Run comparison follows the seed papers (Li et al. 2024, fast vs. slow thinking; "How instruction and
-reasoning data shape post-training", 2025), which compare runs by each layer's statistic: for a statistic
-and a layer family (parameter names with their layer index replaced by ``*``),
-
-    a_l = mean over run A's logged steps of layer l's statistic,   b_l likewise for run B,
-    RD  = (1 / |L|) sum_{l in L} |a_l - b_l| / |a_l|,
-
-where L are the family's layers logged in both runs whose averages are finite with a_l != 0 (a NaN step,
-logged when a layer's gradient was not finite, is left out of that layer's average). Averaging each layer
-over the whole run first compares the runs' typical per-layer profiles and does not need the two runs to
-have logged the same steps.
+Run comparison (``gradwatch compare``) follows the seed papers: each statistic's per-layer averages over the two
+runs and their relative difference RD; the formula is in :mod:`gradwatch.integrations.report.compare`.
 
 The package: :mod:`~gradwatch.integrations.report.runs` reads run directories,
 :mod:`~gradwatch.integrations.report.compare` compares two runs,
