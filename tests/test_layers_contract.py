@@ -18,6 +18,7 @@ reach up, not back).
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -224,3 +225,29 @@ def test_the_contract_sees_every_layer() -> None:
     assert {"functional", "checks", "cadence", "metrics", "engine", "integrations", "callbacks", "config",
             "registry"} <= layers
     assert all(layer in RANK for layer in layers), layers - set(RANK)
+
+
+def test_config_names_no_family() -> None:
+    """``gradwatch.config`` takes its families from the registry: its code (docstrings aside) names no family's
+    key, stem or config class, and it imports no family's module (nor anything under gradwatch.metrics)."""
+    from gradwatch.registry import families
+
+    tree = ast.parse((PACKAGE / "config.py").read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    words, imported = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words |= set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", node.value))
+        elif isinstance(node, ast.Name):
+            words.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    assert words & {n for f in families() for n in (f.key, f.stem, f.config_class.__name__)} == set()
+    homes = {f.config_class.__module__ for f in families()}
+    assert [m for m in imported if m in homes or m == "gradwatch.metrics" or m.startswith("gradwatch.metrics.")] == []
