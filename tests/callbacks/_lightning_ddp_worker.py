@@ -14,6 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: _support
 
 import lightning as L  # noqa: E402
 from _lightning_helpers import GradRecorder, TinyMLP, make_loader  # noqa: E402

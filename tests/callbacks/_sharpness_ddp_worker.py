@@ -17,6 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: _support
 
 import lightning as L  # noqa: E402
 from _lightning_helpers import TinyMLP, make_loader  # noqa: E402
