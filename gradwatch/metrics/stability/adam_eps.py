@@ -10,10 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch.functional.stability import (
-    adam_eps_statistics,
-    adam_states,
-)
+from gradwatch.functional.stability import adam_eps_statistics, adam_states
 from gradwatch.metrics.base import Alert, Chart, ChartGroup, Results, StepContext
 from gradwatch.metrics.stability.alerts import _fmt
 from gradwatch.metrics.stability.base import _local, _reduced, _StabilityDiagnostic

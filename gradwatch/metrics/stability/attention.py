@@ -11,11 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwatch.functional.attention import (
-    AttentionStatistics,
-    attention_logit_statistics,
-    multihead_attention_qk,
-)
+from gradwatch.functional.attention import AttentionStatistics, attention_logit_statistics, multihead_attention_qk
 from gradwatch.metrics.base import ActivationSite, Alert, Chart, ChartGroup, Results, StepContext
 from gradwatch.metrics.stability.alerts import _fmt, _lower_lr
 from gradwatch.metrics.stability.base import _reduced, _StabilityDiagnostic

@@ -7,9 +7,7 @@ from typing import Literal
 
 from gradwatch.cadence import Cadence, as_cadence
 from gradwatch.checks import check_bool, check_choice, check_float, check_int, fail
-from gradwatch.functional.attention import (
-    MAX_EXACT_LEN,
-)
+from gradwatch.functional.attention import MAX_EXACT_LEN
 
 _BIG = 1e12
 

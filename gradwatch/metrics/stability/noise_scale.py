@@ -10,9 +10,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.cadence import Cadence
-from gradwatch.functional.stability import (
-    NoiseScaleEstimator,
-)
+from gradwatch.functional.stability import NoiseScaleEstimator
 from gradwatch.metrics.base import Chart, ChartGroup, Results, StepContext
 from gradwatch.metrics.stability.base import _StabilityDiagnostic
 from gradwatch.metrics.stability.config import StabilityConfig

@@ -10,10 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gradwatch.functional.stability import (
-    LogitStatistics,
-    logit_statistics,
-)
+from gradwatch.functional.stability import LogitStatistics, logit_statistics
 from gradwatch.metrics.base import ActivationSite, Alert, Chart, ChartGroup, Results, StepContext
 from gradwatch.metrics.stability.alerts import _lower_lr
 from gradwatch.metrics.stability.base import _reduced, _StabilityDiagnostic

@@ -11,9 +11,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.cadence import Cadence
-from gradwatch.functional.stability import (
-    RobustSpikeDetector,
-)
+from gradwatch.functional.stability import RobustSpikeDetector
 from gradwatch.metrics.base import Alert, Chart, ChartGroup, Results, StepContext
 from gradwatch.metrics.stability.alerts import _fmt, _lower_lr
 from gradwatch.metrics.stability.base import _StabilityDiagnostic

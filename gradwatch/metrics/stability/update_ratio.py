@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch.functional.stability import (
-    update_ratio_terms,
-)
+from gradwatch.functional.stability import update_ratio_terms
 from gradwatch.metrics.base import Alert, Chart, ChartGroup, Results, StepContext
 from gradwatch.metrics.stability.alerts import _fmt, _lower_lr
 from gradwatch.metrics.stability.base import _local, _reduced, _StabilityDiagnostic
