@@ -93,6 +93,7 @@ class Watcher:
         # the step in flight
         self._step: int | None = None
         self._running: list[int] = []
+        self._continuing: set[int] = set()  # running at this step because they continue a burst
         self._skipped = False
         self._optimizer: Any = None
         self._grad_scale: float | None = None
@@ -189,6 +190,10 @@ class Watcher:
             else:
                 self._running = sorted(self._pending)
                 self._pending.clear()
+        self._continuing = {i for i, d in enumerate(self.diagnostics) if i not in self._running and d.continues(step)}
+        if self._continuing:  # a burst under way is never postponed (its steps must be consecutive)
+            self._pending -= self._continuing
+            self._running = sorted({*self._running, *self._continuing})
         sites = [(i, site) for i in self._running if "activations" in self.diagnostics[i].needs
                  and self._runs_here(i) for site in self._sites(i)]
         self.capture.arm(sites)
@@ -309,7 +314,7 @@ class Watcher:
                 self._fail(i, exc)
             seconds = self.clock() - t0
             if i in self._budgeted:
-                self._note_cost(i, seconds)
+                self._note_cost(i, seconds, continuing=i in self._continuing)
             if i not in self._warmed:
                 self._warmed.add(i)
                 self._warmup_seconds += seconds
@@ -522,8 +527,13 @@ class Watcher:
                             "and a larger max_overhead (said once)")
         return period
 
-    def _note_cost(self, i: int, seconds: float) -> None:
+    def _note_cost(self, i: int, seconds: float, continuing: bool = False) -> None:
+        """Add one observation's seconds to the cost of a run of the ``within_budget`` diagnostic ``i``: a new
+        run, or (``continuing``, :meth:`Diagnostic.continues`) the run under way, so a burst costs its sum."""
         b = self._budgeted[i]
+        if continuing and b["cost"] is not None:
+            b["cost"] += seconds if b["runs"] <= 2 else 0.3 * seconds  # the same exponential average, summed
+            return
         b["runs"] += 1
         b["cost"] = seconds if b["runs"] <= 2 or b["cost"] is None else 0.7 * b["cost"] + 0.3 * seconds
         b["period"] = None

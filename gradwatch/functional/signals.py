@@ -7,12 +7,15 @@ balances them in a narrow valley; as it sharpens, the two groups' losses oscilla
 carry a large share of the total loss movement. The paper finds them as the examples with the largest
 change in per-example loss between steps; its exact selection rule is not public, so ours is stated here.
 
-Notation: a probe set of N examples is evaluated at probe steps t_0 < ... < t_W; ``L[s, i]`` is the loss
-of example i at t_s and the loss changes are
+Notation: a probe set of N examples is evaluated at consecutive optimizer steps; ``L[s, i]`` is the loss
+of example i at step t_s and a loss change is measured over one optimizer step,
 
-    D[s, i] = L[s + 1, i] - L[s, i],         s = 0 .. W-1          (:func:`loss_changes`)
+    D[s, i] = L(t_s + 1, i) - L(t_s, i)                             (:func:`loss_changes`)
 
-over a sliding window of W changes. Detection (:func:`find_opposing_signals`):
+(the oscillation at the edge of stability has a period of about two steps, so changes across a longer
+gap alias it away). A window holds the last W such one-step changes, from bursts of consecutive probe
+steps. Detection (:func:`opposing_signals` on changes, :func:`find_opposing_signals` on losses at
+consecutive steps):
 
 1. **Movement** of example i over the window: ``m_i = (mean_s D[s, i]^2)^(1/3)``, the cube root of its
    mean squared change (the Wilson and Hilferty 1931 transform, which makes a mean of squares close to
@@ -38,12 +41,36 @@ over a sliding window of W changes. Detection (:func:`find_opposing_signals`):
      move in opposite directions (a correlation made by a single swing has a low consistency);
    - ``share`` = ``sum_s sum_{i in g u h} |D[s, i]| / sum_s sum_i |D[s, i]|`` in [0, 1]: the share of the
      probe set's loss movement the pair carries (the paper's "outsized effect");
-   - ``strength = min(1, share / full_share)`` (default ``full_share`` 0.5: a pair carrying half of all
-     loss movement has full strength);
-   - **score** ``= anti * consistency * strength`` in [0, 1].
+     ``strength = min(1, share / full_share)`` (default ``full_share`` 0.5);
+   - ``shared`` (:func:`shared_direction`) in [-1, 1]: whether the two sides share a feature. Each side's
+     deviation in the model's representation ``h`` (the last layer's input) from the rest of its own class,
+     ``d_g = mean_{i in g} (h_i - mean{h_j : y_j = y_i, j not in g u h})``, and ``shared = cos(d_g, d_h)``.
+     An opposing signal is two groups carrying one feature the rest of the data lacks (a sky background)
+     while their labels differ: both deviate along that feature, ``shared > 0``. The two sides of a
+     classifier's decision margin (the hard examples of class 0 against those of class 1, which any
+     classifier moves in anti-phase while it fits them) deviate toward each other's class, ``shared < 0``.
+     Undefined (NaN) where a side holds more than half of a class (the rest of its class is no reference);
+     ``sharedness = clamp(shared / full_shared, 0, 1)`` (default ``full_shared`` 0.5; NaN counts 0);
+   - ``swing`` (:func:`relative_swing`): the smaller of the two sides' mean absolute one-step change of
+     their mean loss, relative to that side's current mean loss, ``mean_s |m_g[s]| / mean_{i in g} L_i``.
+     The paper's groups swing by a large part of their own loss at each step; ordinary stochastic
+     training moves hard examples by a few percent. ``swinginess = min(1, swing / full_swing)`` (default
+     ``full_swing`` 0.2, one fifth of the loss per step);
+   - **carriers** (:func:`shared_carriers`): where the sides share a direction, each side keeps the members
+     whose own deviation projected on it is at least half their side's median projection; the others
+     (``followers``: examples that moved with the group without carrying its feature, e.g. hard examples
+     of the same class) are reported apart. The statistics are those of the whole groups, so that the cut
+     cannot raise ``shared``;
+   - **score** ``= anti * consistency * strength * sharedness * swinginess`` in [0, 1]. Without features
+     (``features=None``) or current losses the last two factors are not tested (1); the ``signals``
+     metric always gives both.
 
    A pair whose score reaches the alarm threshold is what the metric reports as an opposing signal.
-   Pairs need at least :data:`MIN_CHANGES_FOR_PAIRS` changes in the window.
+   Pairs need at least :data:`MIN_CHANGES_FOR_PAIRS` changes in the window. The thresholds were chosen
+   on planted tabular data and checked on null controls (memorising classifiers, label noise, class
+   imbalance, MiniLM fine-tuning, a small language model; ``benchmarks/signals.py``): there the margin
+   pairs score 0 by their negative ``shared``, and a side that is (nearly) a whole minority class by its
+   undefined one.
 5. ``top1pct_share`` (:func:`top_share`): the share of the latest step's total absolute loss change
    carried by the top 1% of the probe set (``ceil(N / 100)`` examples, at least one). With equal changes
    it is ``ceil(N/100) / N``; it rises toward 1 when a few examples dominate.
@@ -62,10 +89,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradwatch.functional.shared_feature import shared_carriers, shared_direction
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * 1.4826 estimates sigma for normal data
 MEAN_AD_TO_SIGMA = 1.2533  # sqrt(pi / 2): mean absolute deviation * 1.2533 estimates sigma for normal data
@@ -73,8 +103,8 @@ MIN_CHANGES_FOR_PAIRS = 5  # a correlation of two points is +-1; five opposite m
 
 __all__ = ["MAD_TO_SIGMA", "MEAN_AD_TO_SIGMA", "MIN_CHANGES_FOR_PAIRS", "OpposingPair", "SignalsReport",
            "correlation", "correlation_matrix", "find_opposing_signals", "gradient_cosine",
-           "group_by_correlation", "group_gradient_cosine", "loss_changes", "movement", "outliers",
-           "pair_statistics", "robust_z", "top_share"]
+           "group_by_correlation", "group_gradient_cosine", "loss_changes", "movement", "opposing_signals",
+           "outliers", "pair_statistics", "relative_swing", "robust_z", "shared_direction", "top_share"]
 
 
 def loss_changes(losses: Tensor) -> Tensor:
@@ -204,7 +234,12 @@ class OpposingPair:
         consistency: share of window steps at which the two mean changes have opposite signs.
         share: share of the probe set's absolute loss movement over the window carried by ``a`` and ``b``.
         strength: ``min(1, share / full_share)``.
-        score: ``max(0, -correlation) * consistency * strength`` in [0, 1].
+        score: ``anti * consistency * strength * sharedness * swinginess`` in [0, 1] (module docstring).
+        shared: :func:`shared_direction` of the two sides (NaN: no features given, or undefined).
+        swing: :func:`relative_swing` of the two sides (NaN: no current losses given).
+        followers_a, followers_b: members of the groups found that do not carry the shared direction
+            (:func:`shared_carriers`), left out of ``a`` and ``b``; the statistics are those of the whole
+            groups.
     """
 
     a: tuple[int, ...]
@@ -214,11 +249,34 @@ class OpposingPair:
     share: float
     strength: float
     score: float
+    shared: float = math.nan
+    swing: float = math.nan
+    followers_a: tuple[int, ...] = ()
+    followers_b: tuple[int, ...] = ()
+
+
+def relative_swing(changes: Tensor, a: Sequence[int], b: Sequence[int], losses: Tensor) -> float:
+    """``min over the sides g of mean_s |m_g[s]| / mean_{i in g} L_i``: how far each side's mean loss moves per
+    step against its own level (``changes`` [W, N] one-step changes, ``losses`` [N] the current losses).
+    NaN where a side's loss level is not positive."""
+    d = changes.to(torch.float64)
+    level = losses.detach().to(device=d.device, dtype=torch.float64).reshape(-1)
+    out = math.inf
+    for side in (a, b):
+        idx = torch.as_tensor(list(side), dtype=torch.long, device=d.device)
+        mean_level = float(level[idx].mean())
+        if not mean_level > 0:
+            return math.nan
+        out = min(out, float(d[:, idx].mean(1).abs().mean()) / mean_level)
+    return out
 
 
 def pair_statistics(changes: Tensor, a: Sequence[int], b: Sequence[int], full_share: float = 0.5,
-                    total_movement: float | None = None) -> OpposingPair:
-    """The pair statistics (see the module docstring) of sides ``a`` and ``b`` of a window of changes [W, N]."""
+                    total_movement: float | None = None, *, features: Tensor | None = None,
+                    labels: Sequence[Any] | None = None, losses: Tensor | None = None, full_shared: float = 0.5,
+                    full_swing: float = 0.2) -> OpposingPair:
+    """The pair statistics (see the module docstring) of sides ``a`` and ``b`` of a window of changes [W, N];
+    ``features`` [N, H] with ``labels`` give ``shared``, the current ``losses`` [N] give ``swing``."""
     d = changes.to(torch.float64)
     ia = torch.as_tensor(list(a), dtype=torch.long, device=d.device)
     ib = torch.as_tensor(list(b), dtype=torch.long, device=d.device)
@@ -229,15 +287,22 @@ def pair_statistics(changes: Tensor, a: Sequence[int], b: Sequence[int], full_sh
     share = float((d[:, ia].abs().sum() + d[:, ib].abs().sum()) / total) if total > 0 else 0.0
     strength = min(1.0, share / full_share)
     score = max(0.0, -corr) * consistency * strength
+    shared = swing = math.nan
+    if features is not None:
+        shared = shared_direction(features, a, b, labels)
+        score *= min(1.0, max(0.0, shared / full_shared)) if math.isfinite(shared) else 0.0
+    if losses is not None:
+        swing = relative_swing(d, a, b, losses)
+        score *= min(1.0, swing / full_swing) if math.isfinite(swing) else 0.0
     if min(a) > min(b):
         a, b = b, a
     return OpposingPair(tuple(int(i) for i in a), tuple(int(i) for i in b), corr, consistency, share,
-                        strength, min(1.0, max(0.0, score)))
+                        strength, min(1.0, max(0.0, score)), shared, swing)
 
 
 @dataclass(frozen=True)
 class SignalsReport:
-    """What :func:`find_opposing_signals` finds in one window.
+    """What :func:`opposing_signals` finds in one window.
 
     Attributes:
         changes: W, the number of loss changes in the window.
@@ -257,25 +322,30 @@ class SignalsReport:
     pairs: tuple[OpposingPair, ...] | None
 
 
-def find_opposing_signals(losses: Tensor, *, z_cut: float = 3.5, rho: float = 0.8, min_group: int = 2,
-                          max_outliers: int = 128, full_share: float = 0.5) -> SignalsReport:
-    """Outliers, groups and opposing pairs in a window of per-example losses (module docstring, steps 1-5).
+def opposing_signals(changes: Tensor, *, features: Tensor | None = None, labels: Sequence[Any] | None = None,
+                     losses: Tensor | None = None, z_cut: float = 3.5, rho: float = 0.8, min_group: int = 2,
+                     max_outliers: int = 128, full_share: float = 0.5, full_shared: float = 0.5,
+                     full_swing: float = 0.2) -> SignalsReport:
+    """Outliers, groups and opposing pairs in a window of one-step loss changes (module docstring, steps 1-5).
 
     Args:
-        losses: [T, N], the probe set's per-example losses at T >= 2 consecutive probe steps, oldest first.
+        changes: [W, N], W >= 1 one-step changes of the probe set's N per-example losses, oldest first.
+        features: [N, H], each probe example's representation (the last layer's input) now, for ``shared``.
+        labels: each probe example's label (hashable; None where it has none), for ``shared``.
+        losses: [N], the current per-example losses, for ``swing``.
         z_cut: robust z-score from which an example's movement makes it an outlier.
         rho: correlation of two outliers' change series from which they are in one group; pairs need a
             correlation of their mean series of at most ``-rho``.
         min_group: smallest group.
         max_outliers: at most this many outliers (the largest z) are grouped.
-        full_share: share of the loss movement at which a pair's strength is 1.
+        full_share, full_shared, full_swing: where strength, sharedness and swinginess reach 1.
     """
-    d = loss_changes(losses.detach().to(device="cpu", dtype=torch.float64))
-    w = d.shape[0]
-    if w < 1:
-        raise ValueError(f"gradwatch: find_opposing_signals expected losses at >= 2 probe steps, got {losses.shape[0]}")
+    d = changes.detach().to(device="cpu", dtype=torch.float64)
+    if d.ndim != 2 or d.shape[0] < 1:
+        raise ValueError(f"gradwatch: opposing_signals expected changes [W >= 1, examples], got {tuple(d.shape)}")
     if not torch.isfinite(d).all():
-        raise ValueError("gradwatch: find_opposing_signals got non-finite per-example losses")
+        raise ValueError("gradwatch: opposing_signals got non-finite per-example loss changes")
+    w = d.shape[0]
     pos, z = outliers(d, z_cut, max_outliers)
     top1 = float(top_share(d[-1]))
     if w < MIN_CHANGES_FOR_PAIRS:
@@ -285,10 +355,44 @@ def find_opposing_signals(losses: Tensor, *, z_cut: float = 3.5, rho: float = 0.
     total = float(d.abs().sum())
     means = torch.stack([d[:, g].mean(1) for g in groups], 1) if groups else d.new_zeros(w, 0)
     corr = correlation_matrix(means)
-    pairs = [pair_statistics(d, groups[i], groups[j], full_share, total)
+    pairs = [pair_statistics(d, groups[i], groups[j], full_share, total, features=features, labels=labels,
+                             losses=losses, full_shared=full_shared, full_swing=full_swing)
              for i in range(len(groups)) for j in range(i + 1, len(groups)) if corr[i, j] <= -rho]
+    if features is not None:
+        pairs = [_carriers_only(p, features, labels, min_group) for p in pairs]
     pairs.sort(key=lambda p: (-p.score, p.a[0]))
     return SignalsReport(w, tuple(pos.tolist()), z, top1, tuple(tuple(g) for g in groups), tuple(pairs))
+
+
+def _carriers_only(pair: OpposingPair, features: Tensor, labels: Sequence[Any] | None, min_group: int) -> OpposingPair:
+    """``pair`` with its sides cut to the members that carry its shared direction (:func:`shared_carriers`),
+    where it has one and both sides keep at least ``min_group``."""
+    if not (math.isfinite(pair.shared) and pair.shared > 0):
+        return pair
+    kept = shared_carriers(features, pair.a, pair.b, labels)
+    if kept is None or min(len(kept[0]), len(kept[1])) < max(1, min_group):
+        return pair
+    a, b = tuple(kept[0]), tuple(kept[1])
+    fa = tuple(i for i in pair.a if i not in set(a))
+    fb = tuple(i for i in pair.b if i not in set(b))
+    if a[0] > b[0]:
+        a, b, fa, fb = b, a, fb, fa
+    return replace(pair, a=a, b=b, followers_a=fa, followers_b=fb)
+
+
+def find_opposing_signals(losses: Tensor, *, features: Tensor | None = None, labels: Sequence[Any] | None = None,
+                          **options: Any) -> SignalsReport:
+    """:func:`opposing_signals` on losses [T >= 2, N] probed at T consecutive optimizer steps: the changes are
+    :func:`loss_changes` and the current losses (for ``swing``) the last row. ``options``: those of
+    :func:`opposing_signals`."""
+    x = losses.detach().to(device="cpu", dtype=torch.float64)
+    if x.ndim != 2:
+        raise ValueError(f"gradwatch: losses expected shape [steps, examples], got {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError(f"gradwatch: find_opposing_signals expected losses at >= 2 probe steps, got {x.shape[0]}")
+    if not torch.isfinite(x).all():
+        raise ValueError("gradwatch: find_opposing_signals got non-finite per-example losses")
+    return opposing_signals(loss_changes(x), features=features, labels=labels, losses=x[-1], **options)
 
 
 def gradient_cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -294,6 +294,13 @@ class Diagnostic(Metric):
         every k returns ``Cadence.every(k)`` here, and its ``compute`` documents the mean or max it takes."""
         return None
 
+    def continues(self, step: int) -> bool:
+        """Whether observing at ``step`` continues work begun at an earlier step (a burst of consecutive
+        probe steps): the engine then runs it at ``step`` whatever its cadence, never postponed by the
+        budget, and counts its cost into the run it continues. The answer must be the same on every rank.
+        Default: never."""
+        return False
+
     def observe(self, ctx: StepContext) -> None:
         """Pull what it needs from ``ctx`` and call ``self.update(...)``."""
         raise NotImplementedError

@@ -348,7 +348,7 @@ class ToyActivations(Diagnostic):
                        records={"toy": [{"step": self._last_step}]}, alerts=alerts)
 
 
-def _toy_watcher(model, sink, toy, clock=None, **kwargs):
+def _toy_watcher(model, sink, toy, clock=None, max_overhead=None, **kwargs):
     from dataclasses import dataclass
 
     from gradwatch.registry import Family, register, unregister
@@ -359,7 +359,7 @@ def _toy_watcher(model, sink, toy, clock=None, **kwargs):
 
     register(Family("toy", "toy", ToyConfig, False, lambda cfg, inputs: [toy]))
     try:
-        watcher = Watcher(gradwatch.WatchConfig(spectra=False, toy=True, max_overhead=None, **kwargs),
+        watcher = Watcher(gradwatch.WatchConfig(spectra=False, toy=True, max_overhead=max_overhead, **kwargs),
                           **({"clock": clock} if clock else {}))
         watcher.attach(model, sinks=[sink])
     finally:
@@ -512,3 +512,65 @@ def test_two_armed_captures_disarmed_in_any_order_leave_sdpa_as_it_was():
     assert seen == {"a": 1, "b": 2}
     b.disarm()
     assert F.scaled_dot_product_attention is original
+
+
+# ---- bursts: Diagnostic.continues ------------------------------------------------------------------------
+
+
+class BurstToy(Diagnostic):
+    """Observes in bursts of ``1 + length`` consecutive steps (as the signals family does); each observation
+    advances the fake clock by ``cost`` seconds."""
+
+    stem = "toy"
+    needs = frozenset()
+    phase = "step_end"
+
+    def __init__(self, every: Cadence, clock: FakeClock, cost: float, length: int = 3) -> None:
+        super().__init__()
+        self.every, self.clock, self.cost, self.length = every, clock, cost, length
+        self.add_state("seen", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.left, self.last, self.observed = 0, None, []
+
+    def observe_cadence(self):
+        return self.every
+
+    def continues(self, step):
+        return self.left > 0 and self.last == step - 1
+
+    def observe(self, ctx):
+        self.clock.advance(self.cost)
+        self.left = self.length if self.last != ctx.step - 1 else self.left - 1
+        self.last = ctx.step
+        self.observed.append(ctx.step)
+        self.update()
+
+    def update(self):  # type: ignore[override]
+        self.seen += 1
+
+    def compute(self):
+        return Results(scalars={"toy/seen": self.seen})
+
+
+def test_a_burst_runs_on_consecutive_steps_costs_its_sum_and_is_never_postponed():
+    """Cadence.within_budget(minimum=5) with bursts of 4 observations of 0.5 s and training steps of 1 s, at
+    max_overhead 0.1 (the diagnostic's share 0.05): a run costs 4 x 0.5 = 2 s, so the period is
+    ceil(2 / 0.05) = 40 (counted per observation it would be 10). With a fixed cadence far over the budget,
+    the burst begun at step 1 still runs at 2, 3, 4; the due step 20 waits."""
+    clock, sink = FakeClock(), RecordingSink()
+    toy = BurstToy(Cadence.within_budget(minimum=5), clock, 0.5)
+    watcher = _toy_watcher(_model_with_grads(), sink, toy, clock, max_overhead=0.1)
+    for step in range(1, 101):
+        _step(watcher, step)
+        clock.advance(1.0)
+    assert toy.observed == [1, 2, 3, 4, 41, 42, 43, 44, 81, 82, 83, 84], toy.observed
+    assert sorted(sink.scalars) == toy.observed
+
+    clock, sink = FakeClock(), RecordingSink()
+    toy = BurstToy(Cadence.every(20), clock, 5.0)
+    watcher = _toy_watcher(_model_with_grads(), sink, toy, clock, max_overhead=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 31):
+            _step(watcher, step)
+            clock.advance(1.0)
+    assert toy.observed[:4] == [1, 2, 3, 4] and 20 not in toy.observed and watcher.postponed_steps > 0

@@ -22,9 +22,12 @@ from gradwatch.functional.signals import (
     group_gradient_cosine,
     loss_changes,
     movement,
+    opposing_signals,
     outliers,
     pair_statistics,
+    relative_swing,
     robust_z,
+    shared_direction,
     top_share,
 )
 
@@ -126,6 +129,68 @@ def test_pair_statistics_by_hand() -> None:
     assert p.strength == 1.0 and p.score == pytest.approx(1.0, abs=1e-15)
     q = pair_statistics(d, [0, 1], [2], full_share=1.0)
     assert q.strength == pytest.approx(0.9) and q.score == pytest.approx(0.9)
+    assert math.isnan(q.shared) and math.isnan(q.swing)  # neither representations nor losses given: untested
+
+
+def test_shared_direction_by_hand_margin_against_shared_feature() -> None:
+    """Two classes in 3-D, class means (0, 0, 0) and (2, 0, 0). The margin's sides (hard examples of each
+    class, near the other class) deviate toward each other: cosine -1. Two groups of opposite labels that
+    carry a feature e3 = 5 the rest lacks deviate the same way: cosine +1. The reference is the rest of each
+    side's own class, outside both sides."""
+    rest0 = t([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0]])  # class 0, mean (0, 0, 0)
+    rest1 = t([[2.0, 1.0, 0.0], [2.0, -1.0, 0.0], [2.0, 0.0, 0.0]])  # class 1, mean (2, 0, 0)
+    hard0, hard1 = t([[1.5, 0.0, 0.0], [1.5, 0.0, 0.0]]), t([[0.5, 0.0, 0.0], [0.5, 0.0, 0.0]])
+    h = torch.cat([rest0, rest1, hard0, hard1])
+    labels = [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+    # d_a = (1.5, 0, 0) - (0, 0, 0); d_b = (0.5, 0, 0) - (2, 0, 0) = (-1.5, 0, 0)
+    assert shared_direction(h, [6, 7], [8, 9], labels) == pytest.approx(-1.0, abs=1e-15)
+    shared = torch.cat([rest0, rest1, t([[0.0, 0.0, 5.0], [0.0, 0.0, 5.0]]), t([[2.0, 0.0, 5.0], [2.0, 1.0, 5.0]])])
+    # d_a = (0, 0, 5); d_b = mean((0, 0, 5), (0, 1, 5)) = (0, 0.5, 5): cos = 25 / (5 * sqrt(25.25))
+    assert shared_direction(shared, [6, 7], [8, 9], labels) == pytest.approx(25 / (5 * math.sqrt(25.25)), rel=1e-14)
+    # without labels the reference is the rest of the whole probe set, mean (1, 0, 0)
+    ref = shared_direction(shared, [6, 7], [8, 9])
+    da, db = np.array([-1.0, 0.0, 5.0]), np.array([1.0, 0.5, 5.0])
+    assert ref == pytest.approx(da @ db / np.linalg.norm(da) / np.linalg.norm(db), rel=1e-14)
+    # a side holding at least as many of a class as the rest of it: no reference, undefined
+    assert math.isnan(shared_direction(h, [0, 1, 6, 7], [8, 9], labels))
+    assert math.isnan(shared_direction(torch.zeros(10, 3), [6, 7], [8, 9], labels))  # no deviation at all
+    with pytest.raises(ValueError, match="3 labels for 10 feature rows"):
+        shared_direction(h, [6], [8], [0, 1, 0])
+
+
+def test_relative_swing_by_hand() -> None:
+    d = t([[0.2, -0.4, 0.0], [-0.2, 0.4, 0.1], [0.2, -0.2, 0.0]])
+    losses = t([1.0, 2.0, 5.0])
+    # side {0}: mean |change| 0.2 over loss 1.0 -> 0.2; side {1}: (0.4 + 0.4 + 0.2) / 3 / 2.0 -> 1/6; the smaller
+    assert relative_swing(d, [0], [1], losses) == pytest.approx(1.0 / 6.0, rel=1e-14)
+    assert math.isnan(relative_swing(d, [0], [1], t([0.0, 2.0, 5.0])))
+    p = pair_statistics(d, [0], [1], features=None, losses=losses, full_swing=0.5)
+    assert p.swing == pytest.approx(1.0 / 6.0) and p.score == pytest.approx(p.consistency * -p.correlation * p.strength / 3)
+
+
+def test_the_score_is_zero_for_a_margin_pair_and_full_for_a_shared_feature() -> None:
+    """The same anti-phase loss changes scored with the two representations of the hand-made example above:
+    the margin pair scores 0 (its sides deviate toward each other), the shared-feature pair keeps its score."""
+    changes = torch.zeros(6, 10, dtype=torch.float64)
+    swing = t([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    changes[:, [6, 7]] = swing[:, None] * 0.5
+    changes[:, [8, 9]] = -swing[:, None] * 0.5
+    changes[:, :6] = 0.01 * torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+    losses = torch.full((10,), 1.0, dtype=torch.float64)
+    margin = torch.cat([t([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 1.0, 0.0], [2.0, -1.0, 0.0],
+                           [2.0, 0.0, 0.0], [1.5, 0.0, 0.0], [1.5, 0.0, 0.0], [0.5, 0.0, 0.0], [0.5, 0.0, 0.0]])])
+    shared = margin.clone()
+    shared[6:, 0] = t([0.0, 0.0, 2.0, 2.0])
+    shared[6:, 2] = 5.0
+    kwargs = {"z_cut": 1.0, "min_group": 2, "labels": labels, "losses": losses}
+    by_margin = opposing_signals(changes, features=margin, **kwargs).pairs
+    by_shared = opposing_signals(changes, features=shared, **kwargs).pairs
+    assert by_margin and by_shared and (by_margin[0].a, by_margin[0].b) == ((6, 7), (8, 9))
+    assert by_margin[0].shared == pytest.approx(-1.0) and by_margin[0].score == 0.0
+    assert by_shared[0].shared == pytest.approx(1.0) and by_shared[0].score == pytest.approx(1.0, abs=1e-12)
+    untested = opposing_signals(changes, z_cut=1.0).pairs
+    assert untested[0].score == pytest.approx(1.0, abs=1e-12) and math.isnan(untested[0].shared)
 
 
 def test_find_needs_two_steps_and_finite_losses_and_pairs_need_enough_changes() -> None:
@@ -164,6 +229,7 @@ def test_mean_per_example_gradient_is_the_gradient_of_the_mean_loss() -> None:
 
 
 # ---- planted trajectories ------------------------------------------------------------------------
+# (on loss changes alone: the anti-phase statistics; sharedness and swing are tested above and on real models)
 
 
 def student_t(shape: tuple[int, ...], g: torch.Generator, dof: int = 3) -> torch.Tensor:
@@ -200,7 +266,7 @@ def test_planted_groups_are_found_as_the_two_sides_of_one_alarming_pair(seed: in
     counts: dict[int, int] = {}
     purities, scores, windows = [], [], 0
     for end in range(window + 1, losses.shape[0] + 1):
-        rep = find_opposing_signals(losses[end - window - 1:end])
+        rep = opposing_signals(loss_changes(losses[end - window - 1:end]))
         windows += 1
         for i in rep.outliers:
             counts[i] = counts.get(i, 0) + 1
@@ -235,7 +301,7 @@ def test_pure_noise_raises_no_alarm_over_hundreds_of_steps(tails: str, options: 
     losses = 1.0 + steps_.cumsum(0)
     best, outliers_seen, pairs_seen = 0.0, 0, 0
     for end in range(window + 1, steps + 1):
-        rep = find_opposing_signals(losses[end - window - 1:end], **options)
+        rep = opposing_signals(loss_changes(losses[end - window - 1:end]), **options)
         outliers_seen += len(rep.outliers)
         pairs_seen += len(rep.pairs or ())
         best = max([best, *(p.score for p in rep.pairs or ())])
@@ -255,5 +321,5 @@ def test_anti_phase_spread_over_the_whole_probe_set_is_no_opposing_signal() -> N
     losses = 1.0 + swing[:, None] * sign[None, :] * (1 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64))
     losses += (0.002 * student_t((steps, n), g)).cumsum(0)
     for end in range(window + 1, steps + 1):
-        rep = find_opposing_signals(losses[end - window - 1:end])
+        rep = opposing_signals(loss_changes(losses[end - window - 1:end]))
         assert all(p.score < ALARM for p in rep.pairs or ()), end

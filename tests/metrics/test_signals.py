@@ -68,7 +68,10 @@ class Ctx:
         return [tensor] if self.exchange is None else self.exchange.all_gather(self.rank, tensor)
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
-        return tensor if self.exchange is None else torch.stack(self.exchange.all_gather(self.rank, tensor)).sum(0)
+        if self.exchange is None:
+            return tensor
+        stacked = torch.stack(self.exchange.all_gather(self.rank, tensor))
+        return {"sum": stacked.sum(0), "max": stacked.amax(0), "min": stacked.amin(0)}[op]
 
 
 
@@ -152,7 +155,7 @@ def test_config_defaults_and_the_family() -> None:
     assert cfg.every == Cadence.within_budget(minimum=10) and cfg.every.budgeted_minimum == 10
     assert (cfg.window, cfg.alarm, cfg.probe_size, cfg.z_cut, cfg.rho) == (20, 0.6, 512, 3.5, 0.8)
     assert (FAMILY.key, FAMILY.stem, FAMILY.config_class, FAMILY.default_on) == ("signals", "signals", SignalsConfig, False)
-    assert FAMILY.knobs == ("window", "alarm", "probe_size")
+    assert FAMILY.knobs == ("window", "alarm", "probe_size", "burst")
     built = FAMILY.build(cfg, None)
     assert len(built) == 1 and isinstance(built[0], OpposingSignals) and built[0].probe_size() == 512
     d = built[0]
@@ -244,7 +247,7 @@ def test_carried_state_of_the_wrong_shape_is_refused() -> None:
 # ---- update / compute / reset ------------------------------------------------------------------------
 
 
-def test_nan_until_defined_then_pairs_after_enough_changes_and_reset_keeps_the_window() -> None:
+def test_nothing_before_a_change_nan_until_defined_then_pairs_and_reset_keeps_the_window() -> None:
     m = OpposingSignals(SignalsConfig(every=1, window=6))
     g = torch.Generator().manual_seed(0)
     losses = 1.0 + 0.01 * torch.randn(10, 64, generator=g).cumsum(0)
@@ -252,9 +255,9 @@ def test_nan_until_defined_then_pairs_after_enough_changes_and_reset_keeps_the_w
     losses[:, 4:8] -= 0.5 * torch.tensor([(-1.0) ** s for s in range(10)])[:, None]
     indices = list(range(100, 164))
     m.update(losses[0], 1, indices)
-    res = m.compute()
-    assert set(res.scalars) == set(TAGS) and all(math.isnan(v) for v in scalars(res).values())
-    assert res.records == {"signals": []} and res.texts == {} and list(res.alerts) == []
+    res = m.compute()  # the first probe step of a burst: no one-step change yet, nothing to log
+    assert res.scalars == {} and res.records == {} and res.texts == {} and list(res.alerts) == []
+    assert m.continues(2) and not m.continues(3)
     m.reset()
     m.update(losses[1], 2, indices)
     s = scalars(m.compute())
@@ -262,7 +265,8 @@ def test_nan_until_defined_then_pairs_after_enough_changes_and_reset_keeps_the_w
     assert all(math.isnan(s[t]) for t in ("signals/opposing_score", "signals/pairs", "signals/alarm",
                                           "signals/pair_loss/a", "signals/pair_loss/b"))
     m.reset()
-    assert m.carried_state()["steps"].tolist() == [1, 2]  # reset clears the interval, not the window
+    assert m.carried_state()["change_steps"].tolist() == [2]  # reset clears the interval, not the window
+    assert m.carried_state()["last_step"] == 2
     for step in range(3, MIN_CHANGES_FOR_PAIRS + 2):
         m.update(losses[step - 1], step, indices)
     res = m.compute()
@@ -276,15 +280,18 @@ def test_nan_until_defined_then_pairs_after_enough_changes_and_reset_keeps_the_w
     pair = rows[-1]["pairs"][0]
     assert (pair["a"], pair["b"]) == ([100, 101, 102, 103], [104, 105, 106, 107])  # dataset indices
     assert sorted(rows[-1]["outliers"]) == list(range(100, 108))
-    assert len(m.carried_state()["steps"]) == MIN_CHANGES_FOR_PAIRS + 1
+    assert len(m.carried_state()["change_steps"]) == MIN_CHANGES_FOR_PAIRS
+    assert rows[-1]["pairs"][0]["shared_direction"] is None  # no representations given: not tested
+    levels = float(last[:4].double().mean()), float(last[4:8].double().mean())  # each side's loss now
+    assert rows[-1]["pairs"][0]["relative_swing"] == pytest.approx(1.0 / max(levels), rel=0.05)  # |change| ~ 1
 
 
 def test_a_resumed_run_that_repeats_steps_drops_the_later_window_entries() -> None:
     m = OpposingSignals(SignalsConfig(every=1))
     for step in range(1, 11):
         m.update(torch.rand(16), step)
-    m.update(torch.rand(16), 5)
-    assert m.carried_state()["steps"].tolist() == [1, 2, 3, 4, 5]
+    m.update(torch.rand(16), 5)  # the changes that end after step 4 go; step 5 starts a new burst
+    assert m.carried_state()["change_steps"].tolist() == [2, 3, 4] and m.carried_state()["last_step"] == 5
 
 
 def test_nonfinite_losses_warn_once_and_restart_the_window() -> None:
@@ -297,10 +304,10 @@ def test_nonfinite_losses_warn_once_and_restart_the_window() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m.update(bad, 3)  # said once
-    assert all(math.isnan(v) for v in scalars(m.compute()).values())
+    assert m.compute().scalars == {}  # no change in the window: nothing logged
     m.update(torch.rand(16), 4)
     m.update(torch.rand(16), 5)
-    assert m.carried_state()["steps"].tolist() == [4, 5]
+    assert m.carried_state()["change_steps"].tolist() == [5]
 
 
 def test_failed_result_and_charts() -> None:
@@ -341,11 +348,13 @@ def test_interval_and_carried_state_round_trip() -> None:
     assert all(math.isclose(x, y, rel_tol=0, abs_tol=0) or (math.isnan(x) and math.isnan(y))
                for x, y in zip(scalars(ra).values(), scalars(rb).values()))
     assert ra.records == rb.records and len(ra.records["signals"]) == 3
+    assert b.continues(12) == a.continues(12)
     a.reset(), b.reset()
     a.update(losses[11], 12, list(range(40)))
     b.update(losses[11], 12, list(range(40)))
     assert a.compute().records == b.compute().records
-    assert torch.equal(a.carried_state()["losses"], b.carried_state()["losses"])
+    assert torch.equal(a.carried_state()["changes"], b.carried_state()["changes"])
+    assert torch.equal(a.carried_state()["last"], b.carried_state()["last"])
 
 
 # ---- through observe, on a real model ------------------------------------------------------------------
@@ -360,7 +369,8 @@ def test_planted_run_records_alerts_and_confirmation(planted_run: dict[str, Any]
     a, b = planted_run["a"], planted_run["b"]
     results = [r[0] for r in planted_run["results"]]
     probe = planted_run["probe"]
-    rows = [row for res in results for row in res.records["signals"]]
+    rows = [row for res in results for row in res.records.get("signals", [])]
+    assert results[0].scalars == {}  # step 1: no one-step change yet
     assert [r["step"] for r in rows] == list(range(2, 41))  # every probe step with a change
     for row in rows:
         assert set(row) >= {"step", "outliers", "pairs"} and all(i in probe.indices for i in row["outliers"])

@@ -70,8 +70,7 @@ def test_lightning_tags_records_alerts_and_text(lightning_runs: dict[str, Any]) 
     log_dir = run["log_dir"]
     scalars = read_scalars(log_dir)
     for tag in TAGS:
-        assert set(scalars[tag]) == set(range(1, 31)), tag
-        assert math.isnan(scalars[tag][1]), tag  # one probe step: nothing is defined yet
+        assert set(scalars[tag]) == set(range(2, 31)), tag  # step 1: no one-step change yet, nothing logged
     assert all(math.isfinite(scalars["signals/outliers"][s]) for s in range(2, 31))
     assert all(math.isnan(scalars["signals/pairs"][s]) for s in range(2, 6))  # pairs need 5 changes
     assert all(scalars["signals/alarm"][s] in (0.0, 1.0) for s in range(6, 31))
@@ -104,11 +103,25 @@ def test_lightning_tags_records_alerts_and_text(lightning_runs: dict[str, Any]) 
 
 
 def test_lightning_watcher_state_holds_the_window(lightning_runs: dict[str, Any]) -> None:
-    """What a checkpoint saves: the window of probe losses (carried) for the signals diagnostic."""
+    """What a checkpoint saves: the window of one-step loss changes and the latest losses (carried)."""
     state = lightning_runs["with"]["cb"].watcher.state_dict()
     entry = next(v for k, v in state["diagnostics"].items() if ":signals:" in k)
-    assert entry["carried"]["steps"].tolist() == list(range(20, 31))  # window 10: 11 probe steps kept
-    assert entry["carried"]["losses"].shape == (11, 256)
+    assert entry["carried"]["change_steps"].tolist() == list(range(21, 31))  # window 10: 10 changes kept
+    assert entry["carried"]["changes"].shape == (10, 256) and entry["carried"]["last"].shape == (256,)
+    assert int(entry["carried"]["last_step"]) == 30
+
+
+def test_lightning_bursts_probe_consecutive_steps_at_a_fixed_cadence(tmp_path: Any) -> None:
+    """every=10 (due at 1, 10, 20), burst=4: probe steps 1-5, 10-14, 20-24 (the engine runs a burst's steps
+    through ``continues``); a change enters the window only over one step, so the rows are at 2-5, 11-14,
+    21-24 and the window (8) holds the changes ending at 11-14 and 21-24."""
+    run = lightning_run(str(tmp_path), 27, SignalsConfig(every=10, burst=4, window=8, probe_size=256))
+    logged = sorted(read_scalars(run["log_dir"])["signals/outliers"])
+    assert logged == [2, 3, 4, 5, 11, 12, 13, 14, 21, 22, 23, 24]
+    rows = read_jsonl(os.path.join(run["log_dir"], "signals.jsonl"))
+    assert [r["step"] for r in rows] == logged and [r["changes"] for r in rows][-1] == 8
+    entry = next(v for k, v in run["cb"].watcher.state_dict()["diagnostics"].items() if ":signals:" in k)
+    assert entry["carried"]["change_steps"].tolist() == [11, 12, 13, 14, 21, 22, 23, 24]
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------------
@@ -164,13 +177,16 @@ def test_hf_observe_only_tags_and_records(tmp_path: Any) -> None:
     assert not torch.equal(HFClassifier().state_dict()["net.0.weight"], without["net.0.weight"])  # it trained
     assert [k for k in without if not torch.equal(without[k], with_gw[k])] == []
     scalars = read_scalars(cb.log_dir)
-    probed = {1, 2, 4, 6, 8, 10, 12}
+    # bursts of 5 one-step changes from the due steps 1 and 8 (every 2; 2-6 continue the first burst, and
+    # a due step that follows a probed one continues the chain): the probe steps that add a change
+    changed = {2, 3, 4, 5, 6, 9, 10, 11, 12}
     for tag in TAGS:
-        assert set(scalars[tag]) == probed, tag
-    assert all(math.isfinite(scalars["signals/top1pct_share"][s]) for s in probed - {1})
-    assert all(math.isfinite(scalars["signals/opposing_score"][s]) for s in (10, 12))  # 5 changes by step 10
+        assert set(scalars[tag]) == changed, tag
+    assert all(math.isfinite(scalars["signals/top1pct_share"][s]) for s in changed)
+    assert all(math.isfinite(scalars["signals/opposing_score"][s]) for s in (6, 9, 12))  # 5 changes by step 6
+    assert all(math.isnan(scalars["signals/opposing_score"][s]) for s in (2, 5))
     rows = read_jsonl(os.path.join(cb.log_dir, "signals.jsonl"))
-    assert [r["step"] for r in rows] == sorted(probed - {1})
+    assert [r["step"] for r in rows] == sorted(changed)
     assert all(set(i for i in r["outliers"]) <= set(range(1024)) for r in rows)
 
 
