@@ -19,7 +19,8 @@ tag                                what
 ``moe/<router>/log_z``             mean over tokens of logsumexp(router logits)
 ``moe/<router>/dropped``           share of the assignments the router made but dropped (expert capacity);
                                    only for routers that return their assignments (indices or a mask)
-``moe/alert``                      1 when ``moe/routing_collapse`` fired at this logging event, else 0
+``moe/alert``                      1 when ``moe/routing_collapse`` held at this logging event (said or held
+                                   back by the engine's cooldown), else 0
 =================================  ========================================================================
 
 Routers with logits only (a plain ``nn.Linear`` gate) are taken to assign each token to its top-k logits.

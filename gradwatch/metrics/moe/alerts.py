@@ -89,7 +89,7 @@ class CollapseRule:
                 ranked = sorted(range(e), key=lambda j: -shares[i][j])
                 held[name] = {"load_cv": cv[i], "load_entropy": load_entropy[i], "max_entropy": math.log(e),
                               "entropy_floor": floor, "num_experts": e, "assignments": assignments[i],
-                              "streak": self.streak[i], "top_experts": {str(j): shares[i][j] for j in ranked[:3]},
+                              "streak": self.streak[i], "top_experts": {str(j): shares[i][j] for j in ranked[:3] if shares[i][j] > 0},
                               "dead_experts": [j for j in range(e) if shares[i][j] == 0], "trend": self.trend[i]}
         if not held:
             return []

@@ -50,7 +50,7 @@ class MoERouting(Diagnostic):
         self.reports = [False] * n  # carried: the router returned its assignments at least once
         self.rule = CollapseRule([r.name for r in self.routers], self.config)
         self.step: int | None = None
-        self._dtype = torch.float64 if self.config.precision == "float64" else torch.float32
+        self._precision = torch.float64 if self.config.precision == "float64" else torch.float32  # not _dtype: torchmetrics owns that name
         self._pending: dict[int, RouterStatistics] = {}
         self._said: set[str] = set()
         self._to_say: list[tuple[str, str]] = []
@@ -82,7 +82,7 @@ class MoERouting(Diagnostic):
             if out.indices is not None or out.dispatch_mask is not None:
                 self.reports[i] = True
             stats = router_statistics(out.logits, indices=out.indices, dispatch_mask=out.dispatch_mask,
-                                      top_k=router.top_k, dtype=self._dtype)
+                                      top_k=router.top_k, dtype=self._precision)
             prev = self._pending.get(i)
             self._pending[i] = stats if prev is None else prev + stats
         return on_forward
