@@ -1,7 +1,7 @@
 """The alert rule of the MoE family: ``moe/routing_collapse``.
 
 A router *counts as collapsing* at a logging event when its interval holds at least ``min_assignments``
-assignments per expert on average and
+assignments per expert on average (made, whether kept or dropped) and
 
 - its load CV is above ``cv_limit`` (default 1.0). CV^2 + 1 = E / N_eff, where N_eff = 1 / sum_e f_e^2 is
   the effective number of experts, so CV > 1 says that fewer than half of the experts carry the load
@@ -73,7 +73,8 @@ class CollapseRule:
     def evaluate(self, step: int | None, num_experts: Sequence[int], cv: Sequence[float],
                  load_entropy: Sequence[float], assignments: Sequence[float],
                  shares: Sequence[Sequence[float]], settings: Mapping[str, Any]) -> list[Alert]:
-        """Host values of one logging event per router; the alerts it raises."""
+        """Host values of one logging event per router (``assignments``: made in the interval, kept or
+        dropped); the alerts it raises (one at most, naming the worst router)."""
         cfg = self.config
         self._begin(step)
         held: dict[str, dict[str, Any]] = {}

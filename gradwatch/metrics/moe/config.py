@@ -25,8 +25,8 @@ class MoEConfig:
         entropy_floor: a router whose load entropy is below this fraction of ln(num_experts) counts as
             collapsing (0 turns this criterion off).
         sustain: consecutive logging events a router must count as collapsing to raise the alert.
-        min_assignments: the rule judges an interval only when it holds at least this many assignments per
-            expert on average (fewer: the load is mostly sampling noise).
+        min_assignments: the rule judges an interval only when the router made at least this many
+            assignments per expert on average in it (fewer: the load is mostly sampling noise).
     """
 
     every: int | Cadence = 10

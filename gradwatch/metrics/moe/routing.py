@@ -143,7 +143,7 @@ class MoERouting(Diagnostic):
         alerts = []
         if self.routers:
             n = len(self.routers)
-            host = torch.cat([torch.stack(cvs), torch.stack(entropies), self.counts.sum(1),
+            host = torch.cat([torch.stack(cvs), torch.stack(entropies), self.sums[:, _COL["slots"]],
                               torch.stack(shares).reshape(-1)]).tolist()  # the one host transfer
             rows = [host[3 * n + i * self.counts.shape[1]:3 * n + (i + 1) * self.counts.shape[1]] for i in range(n)]
             alerts = self.rule.evaluate(self.step, [r.num_experts for r in self.routers], host[:n], host[n:2 * n],
