@@ -6,7 +6,8 @@
 - :class:`TinyMoE`: a causal LM of :class:`MoELayer` blocks (that router, ``E`` Linear experts), with a
   Hugging Face style forward (``{"loss", "logits"}``); ``gate="linear"`` swaps the router for a plain
   ``nn.Linear`` gate named ``gate`` (logits only; ``top_k`` on the parent block).
-- :func:`tiny_mixtral` and friends: Hugging Face MoE models built from a config, no download.
+- :func:`tiny_mixtral` and friends: Hugging Face MoE models built from a config, no download
+  (:func:`tiny_switch`: Switch Transformers, whose routers drop tokens over their expert capacity).
 - :class:`RouterTap`: the test's own forward hooks on the routers, keeping float64 copies of what each call
   returned; :func:`reference`: every statistic of the family from such copies, in numpy float64.
 """
@@ -133,6 +134,18 @@ def tiny_qwen2_moe(**kw: Any) -> nn.Module:
 
 def tiny_olmoe(**kw: Any) -> nn.Module:
     return _hf_moe("olmoe", **kw)
+
+
+def tiny_switch(num_experts: int = 4, capacity: int = 2, vocab: int = 32, seed: int = 0) -> nn.Module:
+    """Switch Transformers (top-1 routers with an expert capacity per sequence: they report dropped tokens)."""
+    import transformers
+
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+        num_experts=num_experts, expert_capacity=capacity, encoder_sparse_step=1, decoder_sparse_step=1,
+        decoder_start_token_id=0, pad_token_id=0, router_jitter_noise=0.0)
+    torch.manual_seed(seed)
+    return transformers.SwitchTransformersForConditionalGeneration(config)
 
 
 def token_batches(steps: int, batch: int = 8, seq_len: int = 16, vocab: int = 32, seed: int = 0) -> list[dict]:

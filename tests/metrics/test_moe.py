@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _support.models import TinyTransformer
-from _support.moe import RouterTap, TinyMoE, TopKRouter, reference, tiny_mixtral, tiny_olmoe, tiny_qwen2_moe, token_batches
+from _support.moe import RouterTap, TinyMoE, TopKRouter, reference, tiny_mixtral, tiny_olmoe, tiny_qwen2_moe, tiny_switch, token_batches
 from torch import nn
 
 import gradwatch
@@ -245,6 +245,19 @@ def test_hugging_face_router_against_float64_reference(build):
     assert charts["expert load: model.layers.1.mlp.gate"] == tuple(f"moe/model.layers.1.mlp.gate/load/{e}" for e in range(4))
 
 
+def test_switch_transformers_reports_dropped_tokens():
+    """Switch Transformers' top-1 routers return a dispatch mask with the tokens over capacity (2 per expert and
+    sequence of 16) zeroed: ``dropped`` is what the model dropped."""
+    model = tiny_switch(capacity=2)
+    routers = [n for n, _ in model.named_modules() if n.endswith("mlp.router")]
+    assert len(routers) == 4 and [r.name for r in find_routers(model)] == routers
+    tap = RouterTap(model, routers, 4)
+    _, sink = train(model, MoEConfig(every=1, precision="float64"), 2)
+    tap.remove()
+    _check_against_reference(sink, tap, routers, {1: range(0, 1), 2: range(1, 2)}, 1e-10)
+    assert sink.emissions[1].scalars[f"moe/{routers[0]}/dropped"] >= 1 - 4 * 2 / 16  # at most 8 of 16 kept
+
+
 def test_observe_only_bitwise():
     def weights(config):
         model = TinyMoE(capacity=12)
@@ -349,6 +362,19 @@ def test_config_and_registration():
     ]:
         with pytest.raises(ValueError, match=message):
             MoEConfig(**kwargs)
+
+
+def test_hf_flags(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gradwatch.integrations.huggingface import arguments_dataclass, config_from_training_args
+
+    parser = transformers.HfArgumentParser((transformers.TrainingArguments, arguments_dataclass()))
+    _, ours = parser.parse_args_into_dataclasses(args=[
+        "--output_dir", str(tmp_path), "--gradwatch_moe_every", "5", "--gradwatch_moe_cv_limit", "2",
+        "--gradwatch_moe_precision", "float64", "--gradwatch_moe_per_expert", "false"])
+    assert config_from_training_args(ours, environ={}).moe == MoEConfig(every=5, cv_limit=2.0, precision="float64",
+                                                                         per_expert=False)
+    assert config_from_training_args(arguments_dataclass()(), environ={}).moe is None  # off by default
 
 
 def test_router_of_unreadable_output_is_named_once():
