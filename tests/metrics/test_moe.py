@@ -258,6 +258,66 @@ def test_switch_transformers_reports_dropped_tokens():
     assert sink.emissions[1].scalars[f"moe/{routers[0]}/dropped"] >= 1 - 4 * 2 / 16  # at most 8 of 16 kept
 
 
+def test_gradient_checkpointing_reads_each_forward_once():
+    """Mixtral with gradient checkpointing re-runs every layer's forward in backward: the engine reads the routers
+    once per micro-batch, so the tags equal those of the run without checkpointing."""
+    def run(checkpointing: bool):
+        model = tiny_mixtral(num_experts=4)
+        if checkpointing:
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            model.config.use_cache = False
+        forwards = []
+        model.model.layers[0].mlp.gate.register_forward_hook(lambda *a: forwards.append(1))
+        watcher, sink = train(model, MoEConfig(every=1), 2, vocab=64)
+        return watcher, sink, len(forwards)
+
+    plain_watcher, plain, plain_forwards = run(False)
+    watcher, checkpointed, forwards = run(True)
+    assert forwards == 2 * plain_forwards == 4  # recomputed in backward
+    assert watcher.capture.calls["model.layers.0.mlp.gate"] == plain_watcher.capture.calls["model.layers.0.mlp.gate"] == 2
+    for step in (1, 2):
+        a, b = plain.emissions[step].scalars, checkpointed.emissions[step].scalars
+        moe = [t for t in a if t.startswith("moe/")]
+        assert moe and all(b[t] == pytest.approx(a[t], rel=1e-6, abs=1e-9) for t in moe)
+
+
+class _Ranks:
+    """A stand-in for the engine's context on rank 0 of 2 where the other rank routed exactly the same batch."""
+
+    step, world_size = 1, 2
+
+    def all_reduce(self, tensor, op="sum"):  # noqa: ANN001
+        assert op == "sum"
+        return tensor * 2
+
+    def say_once(self, key, message):  # noqa: ANN001
+        pass
+
+
+def test_sums_are_reduced_over_ranks():
+    model = TinyMoE(num_experts=4, top_k=2, capacity=20)
+    (d,) = gradwatch.metrics.moe.build(MoEConfig(every=1, precision="float64"), _inputs(model))
+    sites = d.activation_sites(model)
+    handles = [site.module.register_forward_hook(lambda m, a, o, f=site.on_forward: f(m, a, {}, o)) for site in sites]
+    tap = RouterTap(model, ["layers.0.router"], 4)
+    with torch.no_grad():
+        model(**token_batches(1)[0])
+    for h in handles:
+        h.remove()
+    d.observe(_Ranks())
+    ref = reference(tap.calls["layers.0.router"])  # twice the same batch: the same shares and means
+    res = d.compute()
+    for stat in STATS + ("dropped",):
+        assert res.scalars[f"moe/layers.0.router/{stat}"].item() == pytest.approx(ref[stat], rel=1e-10), stat
+    assert d.sums[0, 0].item() == 2 * 128  # tokens of both ranks
+
+
+def _inputs(model: nn.Module):
+    from gradwatch.registry import BuildInputs
+
+    return BuildInputs(WatchConfig(moe=True), [], model)
+
+
 def test_observe_only_bitwise():
     def weights(config):
         model = TinyMoE(capacity=12)
@@ -375,6 +435,44 @@ def test_hf_flags(tmp_path):
     assert config_from_training_args(ours, environ={}).moe == MoEConfig(every=5, cv_limit=2.0, precision="float64",
                                                                          per_expert=False)
     assert config_from_training_args(arguments_dataclass()(), environ={}).moe is None  # off by default
+
+
+def test_model_without_routers_and_router_without_top_k_are_named_once():
+    dense = TinyTransformer()
+    off = {f.key: False for f in families() if f.key != "moe"}
+    watcher = Watcher(WatchConfig(**off, moe=MoEConfig(every=1), max_overhead=None))
+    sink = Sink()
+    watcher.attach(dense, sinks=[sink])
+    with pytest.warns(RuntimeWarning, match=r"moe: no router found in the model .*only moe/alert is logged") as caught:
+        for t in (1, 2):
+            watcher.on_step_start(t)
+            dense(torch.randn(2, 4, 8))
+            watcher.on_gradients_ready(t)
+            watcher.on_step_end(t)
+    assert len([w for w in caught if "no router found" in str(w.message)]) == 1
+    assert sink.emissions[2].scalars["moe/alert"] == 0.0 and not [t for t in sink.emissions[2].scalars if
+                                                                  t.startswith("moe/") and t != "moe/alert"]
+
+    class Bare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(16, 4)
+
+        def forward(self, input_ids, labels=None, attention_mask=None):
+            return {"loss": self.gate(torch.randn(8, 16)).sum()}
+
+    model = Bare()
+    watcher = Watcher(WatchConfig(**off, moe=MoEConfig(every=1), max_overhead=None))
+    watcher.attach(model, sinks=[sink])
+    with pytest.warns(RuntimeWarning, match=r"router 'gate' returns logits only and names no top_k: its load is not "
+                                            r"logged \(set MoEConfig\(top_k=\.\.\.\)\)"):
+        watcher.on_step_start(3)
+        model(None)
+        watcher.on_gradients_ready(3)
+        watcher.on_step_end(3)
+    scalars = sink.emissions[3].scalars
+    assert math.isnan(scalars["moe/gate/load_cv"]) and math.isfinite(scalars["moe/gate/entropy"])
+    assert find_routers(model, top_k=2)[0].top_k == 2  # what the message asks for
 
 
 def test_router_of_unreadable_output_is_named_once():

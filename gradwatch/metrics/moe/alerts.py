@@ -9,12 +9,17 @@ assignments per expert on average (made, whether kept or dropped) and
 - the entropy of its load is below ``entropy_floor`` (default 0.5) times ln E, the entropy of a balanced
   load: the criterion that still works for few experts, where CV is bounded by sqrt(E - 1) (1 for E = 2).
 
-The alert fires when a router has counted as collapsing at ``sustain`` (default 3) logging events in a
-row: load concentrates briefly at initialisation and after a change of data, while routing collapse (a few
-experts winning every token, the others starved of gradient and dying: Shazeer et al. 2017; Fedus et al.
-2022; Zoph et al. 2022) persists. Below ``min_assignments`` (default 10) per expert the shares are mostly
-sampling noise (a CV of about sqrt(1/10) ~ 0.3 for a perfectly balanced random router), so such intervals
-are not judged and do not break a streak.
+The alert (a warning) fires when a router has counted as collapsing at ``sustain`` (default 3) logging
+events in a row: one interval's load can be skewed by its batches (one domain, one language), while routing
+collapse (a few experts winning every token, the others starved of gradient: Shazeer et al. 2017; Fedus et
+al. 2022; Zoph et al. 2022) persists. Below ``min_assignments`` (default 10) per expert the shares are
+mostly sampling noise (a multinomial count with mean m has CV ~ sqrt(1/m): ~0.3 at m = 10 for a perfectly
+balanced router), so such intervals are not judged and do not break a streak.
+
+One alert per logging event at most: it names the router of the highest CV among those that held; its
+evidence lists every one (``routers``), with the top experts' shares, the dead experts (share 0) and the
+trend of (step, CV, load entropy) over the streak. The thresholds are reasoned from the identities above,
+not calibrated on production runs; ``cv_limit`` / ``entropy_floor`` / ``sustain`` tune them.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ A *router* is a module whose forward returns the router logits of the tokens it 
 
 Which modules: with ``MoEConfig.routers`` empty, every module whose class name ends in ``Router`` or whose
 own name (the last part of its ``named_modules()`` name) is ``gate`` or ``router``, with a known number of
-experts; of nested candidates only the outermost is kept (a router holding a ``gate`` Linear). With
+experts (at least 2); of nested candidates only the outermost is kept (a router holding a ``gate`` Linear). With
 patterns, exactly the modules whose names match one of them. The number of experts E is the module's
 ``num_experts`` / ``num_local_experts`` / ``n_routed_experts`` / ``n_experts`` attribute, else a Linear's
 ``out_features``, else the first dim of a 2-d ``weight``.
@@ -93,7 +93,7 @@ def find_routers(model: nn.Module, patterns: Sequence[str] = (), top_k: int | No
     if patterns:
         names = [n for n in modules if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     else:
-        names = [n for n, m in modules.items() if n and _is_candidate(n, m) and num_experts_of(m) is not None]
+        names = [n for n, m in modules.items() if n and _is_candidate(n, m) and (num_experts_of(m) or 0) >= 2]
         names = [n for n in names if not any(o != n and n.startswith(o + ".") for o in names)]
     out = []
     for n in names:
