@@ -406,6 +406,26 @@ def test_state_across_a_checkpoint():
         assert resumed.emissions[3].scalars[tag] == pytest.approx(full_sink.emissions[3].scalars[tag], rel=1e-6), tag
 
 
+def test_compute_twice_and_reset_keep_the_carried_state():
+    model = TinyMoE(num_experts=8, top_k=2).plant_collapse((0, 1))
+    watcher, _ = train(model, MoEConfig(every=1, sustain=5), 2)
+    (d,) = watcher.diagnostics
+    d.log_cadence = lambda: gradwatch.Cadence.at([])  # type: ignore[method-assign]  # the test computes
+    train_more = token_batches(4)[3]
+    watcher.on_step_start(3)
+    model(**train_more)["loss"].backward()
+    watcher.on_gradients_ready(3)
+    watcher.on_step_end(3)
+    assert d.update_count == 1
+    first, second = d.compute(), d.compute()
+    assert {k: v.item() for k, v in first.scalars.items()} == {k: v.item() for k, v in second.scalars.items()}
+    assert d.rule.streak == [3, 3]  # counted once for step 3, not twice
+    carried = d.carried_state()
+    d.reset()
+    assert d.update_count == 0 and not d.counts.any() and not d.sums.any()
+    assert d.carried_state() == carried and carried["reports"] == [True, True]
+
+
 def test_config_and_registration():
     assert gradwatch.MoEConfig is MoEConfig and WatchConfig().moe is None and WatchConfig(moe=True).moe == MoEConfig()
     assert MoEConfig(routers="*.gate").routers == ("*.gate",)
