@@ -8,7 +8,7 @@ import importlib
 from gradwatch.metrics.base import ActivationSite, Alert, ChartGroup, Diagnostic, Heatmap, Results, StepContext
 from gradwatch.registry import register
 
-BUILTIN_STEMS = ("grad_spectrum", "sharpness", "signals", "stability")
+BUILTIN_STEMS = ("grad_spectrum", "sharpness", "signals", "stability", "moe")
 
 #: The built-in families, in registration order.
 BUILTIN_FAMILIES = tuple(register(importlib.import_module(f"gradwatch.metrics.{stem}").FAMILY) for stem in BUILTIN_STEMS)
