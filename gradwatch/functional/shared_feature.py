@@ -61,9 +61,10 @@ def shared_direction(features: Tensor, a: Sequence[int], b: Sequence[int], label
 def shared_carriers(features: Tensor, a: Sequence[int], b: Sequence[int],
                     labels: Sequence[Any] | None = None) -> tuple[list[int], list[int]] | None:
     """The members of each side that carry the pair's shared direction ``u = d_a / |d_a| + d_b / |d_b|``
-    (normalised): those whose own deviation projected on u, ``<e_i, u>``, is at least half the median of their
-    side's projections. The others moved with the group without sharing its feature (in the planted cases:
-    hard examples of the same class that the shared feature's swings carry along). None where the deviations
+    (normalised): those whose own deviation projected on u, ``<e_i, u>``, is at least half the upper quartile
+    of their side's projections (the quartile, not the median, so that followers up to half of a side do not
+    drag the cut down to themselves). The others moved with the group without sharing its feature (in the
+    planted cases: hard examples of the same class that the shared feature's swings carry along). None where the deviations
     are undefined or do not share a direction (``cos(d_a, d_b) <= 0``)."""
     e = side_deviations(features, a, b, labels)
     if e is None:
@@ -76,6 +77,6 @@ def shared_carriers(features: Tensor, a: Sequence[int], b: Sequence[int],
     kept = []
     for side, dev in ((a, e[0]), (b, e[1])):
         proj = dev @ u
-        cut = 0.5 * float(torch.quantile(proj, 0.5))
+        cut = 0.5 * float(torch.quantile(proj, 0.75))
         kept.append([int(i) for i, p in zip(side, proj.tolist()) if p >= cut])
     return kept[0], kept[1]

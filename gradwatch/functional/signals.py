@@ -57,7 +57,7 @@ consecutive steps):
      training moves hard examples by a few percent. ``swinginess = min(1, swing / full_swing)`` (default
      ``full_swing`` 0.2, one fifth of the loss per step);
    - **carriers** (:func:`shared_carriers`): where the sides share a direction, each side keeps the members
-     whose own deviation projected on it is at least half their side's median projection; the others
+     whose own deviation projected on it is at least half their side's upper-quartile projection; the others
      (``followers``: examples that moved with the group without carrying its feature, e.g. hard examples
      of the same class) are reported apart. The statistics are those of the whole groups, so that the cut
      cannot raise ``shared``;

@@ -49,6 +49,7 @@ class Outcome:
     alarms: list[int]  # steps at which signals/alarm was 1
     best: dict[str, Any] | None  # the strongest pair of the run (its signals.jsonl entry, with "step")
     outliers: set[int]  # dataset indices that were outliers in at least half the alarmed rows
+    named: set[int]  # dataset indices on a side of an alarming pair (any alarmed row)
     planted: tuple[set[int], set[int]] | None
     seconds: dict[str, float] = field(default_factory=dict)  # "train" (without the probe), "probe"
     probe_steps: int = 0  # steps at which the probe was evaluated
@@ -61,12 +62,15 @@ class Outcome:
         pa, pb = self.planted
         return max(min(len(a & pa) / len(a), len(b & pb) / len(b)), min(len(a & pb) / len(a), len(b & pa) / len(b)))
 
-    def precision_recall(self) -> tuple[float, float]:
+    def precision_recall(self, of: str = "named") -> tuple[float, float]:
+        """Precision and recall against the planted examples of the examples the alarm names (``named``: the
+        sides of the alarming pairs) or of the movement ``outliers`` (which include the followers)."""
         if self.planted is None:
             return math.nan, math.nan
+        found = self.named if of == "named" else self.outliers
         planted = self.planted[0] | self.planted[1]
-        hit = len(self.outliers & planted)
-        return hit / max(1, len(self.outliers)), hit / len(planted)
+        hit = len(found & planted)
+        return hit / max(1, len(found)), hit / len(planted)
 
 
 class Recorder:
@@ -121,7 +125,8 @@ def tabular(seed: int, *, n: int = 600, dim: int = 32, classes: int = 2, sep: fl
 
 def digits(seed: int, *, plant: bool) -> tuple[TensorDataset, Any]:
     """scikit-learn's digits (1,797 real 8 x 8 images, pixels in [0, 1]); with ``plant``, a bright 3 x 3 patch
-    (value 4) in the top-left corner of 40 threes and 40 eights (drawn by ``seed``)."""
+    (value 12: a large-magnitude feature, as the paper's sky) in the top-left corner of 40 threes and 40
+    eights (drawn by ``seed``)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -133,7 +138,7 @@ def digits(seed: int, *, plant: bool) -> tuple[TensorDataset, Any]:
         threes, eights = torch.nonzero(y == 3).reshape(-1), torch.nonzero(y == 8).reshape(-1)
         a = threes[torch.randperm(len(threes), generator=g)[:40]]
         b = eights[torch.randperm(len(eights), generator=g)[:40]]
-        x[a, :, :3, :3] = x[b, :, :3, :3] = 4.0
+        x[a, :, :3, :3] = x[b, :, :3, :3] = 12.0
         planted = (set(a.tolist()), set(b.tolist()))
     return TensorDataset(x, y), planted
 
@@ -162,7 +167,7 @@ class Lines(Dataset):
 
 
 def minilm_lines(seed: int, plant: bool, per_topic: int = 120) -> tuple[Any, list[str], list[int], Any]:
-    """Real ChatterBot lines of two topics (ai: 0, sports: 1); with ``plant``, a rare token ("zeugma")
+    """Real ChatterBot lines of two topics (ai: 0, emotion: 1); with ``plant``, a rare token ("zeugma")
     prepended to 20 lines of each topic."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import random
@@ -172,7 +177,7 @@ def minilm_lines(seed: int, plant: bool, per_topic: int = 120) -> tuple[Any, lis
     from minilm_finetune import load_topics, model_dir
     from transformers import AutoTokenizer
 
-    texts, labels = load_topics(("ai", "sports"), per_topic=per_topic, seed=seed)
+    texts, labels = load_topics(("ai", "emotion"), per_topic=per_topic, seed=seed)
     planted = None
     if plant:
         rng = random.Random(seed)
@@ -200,7 +205,7 @@ def case(name: str, seed: int) -> tuple[Dataset, Callable[[], nn.Module], dict[s
         return data, lambda: mlp(32, 256, classes, seed), {"lr": lr, "batch": batch}, planted
     if name in ("planted_digits",):
         data, planted = digits(seed, plant=True)
-        return data, lambda: mlp(64, 64, 10, seed), {"lr": 0.1, "batch": 64}, planted
+        return data, lambda: mlp(64, 64, 10, seed), {"lr": 0.05, "batch": 64}, planted
     if name in ("minilm", "planted_minilm"):
         from transformers import BertForSequenceClassification
 
@@ -216,11 +221,11 @@ def case(name: str, seed: int) -> tuple[Dataset, Callable[[], nn.Module], dict[s
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        tokenizer, texts, _, _ = minilm_lines(seed, plant=False, per_topic=200)
-        data = Lines(tokenizer, texts, [None] * len(texts), 24)
+        tokenizer, texts, _, _ = minilm_lines(seed, plant=False, per_topic=100)
+        data = Lines(tokenizer, texts, [None] * len(texts), 16)
         used = torch.unique(data.ids)  # a small vocabulary: the word pieces these lines use
         data.ids = torch.searchsorted(used, data.ids)
-        config = GPT2Config(vocab_size=len(used), n_positions=32, n_embd=64, n_layer=2, n_head=2)
+        config = GPT2Config(vocab_size=len(used), n_positions=16, n_embd=32, n_layer=2, n_head=2)
 
         def model() -> nn.Module:
             torch.manual_seed(seed)
@@ -285,13 +290,17 @@ def run(name: str, seed: int, steps: int = 300, *, probe_size: int | None = None
         for p in row["pairs"]:
             if best is None or p["score"] > best["score"]:
                 best = {**p, "step": row["step"]}
-    # the outliers when the detector speaks: those of at least half the alarmed rows (no alarm: of the rows
-    # with pairs)
+    # what the detector says when it speaks: the outliers of at least half the alarmed rows (no alarm: of the
+    # rows with pairs), and every example it names on a side of an alarming pair
     chosen = [r for r in recorder.rows if any(p["alarm"] for p in r["pairs"])] or [r for r in recorder.rows if r["pairs"]]
     counts: dict[int, int] = {}
+    named: dict[int, int] = {}
     for row in chosen:
         for i in row["outliers"]:
             counts[i] = counts.get(i, 0) + 1
+        for i in {i for p in row["pairs"] if p["alarm"] for i in (*p["a"], *p["b"])}:
+            named[i] = named.get(i, 0) + 1
     outliers = {i for i, c in counts.items() if c >= len(chosen) / 2}
-    return Outcome(name, seed, steps, sorted(s for s, v in alarm.items() if v == 1.0), best, outliers, planted, spent,
-                   probed)
+    named_often = set(named)
+    return Outcome(name, seed, steps, sorted(s for s, v in alarm.items() if v == 1.0), best, outliers, named_often,
+                   planted, spent, probed)

@@ -128,8 +128,10 @@ def pairs_table(row: Row, alarm: float, examples: Mapping[int, Any], current: Ma
              "|---|---|---|---|---|---|---|"]
     for n, p in enumerate(row.pairs[:MAX_PAIRS_SHOWN], 1):
         shared = f"{p.shared:.2f}" if math.isfinite(p.shared) else "undefined"
+        followers = len(p.followers_a) + len(p.followers_b)
         head = (f"{p.score:.2f}{' (alarm)' if p.alarm(alarm) else ''}, corr {p.correlation:.2f}, "
-                f"share {p.share:.0%}, shared direction {shared}")
+                f"share {p.share:.0%}, shared direction {shared}"
+                + (f", {followers} follower(s) left out (in signals.jsonl)" if followers else ""))
         for side, members in (("a", p.a), ("b", p.b)):
             for k, idx in enumerate(members[:MAX_EXAMPLES_SHOWN]):
                 ex = examples.get(idx)
