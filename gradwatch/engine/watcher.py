@@ -325,12 +325,12 @@ class Watcher:
             self._fail(i, exc, what="finding its modules")
             return ()
 
-    # ---- logging ------------------------------------------------------------------------------
+    # ---- logging (see gradwatch.engine.emission) ------------------------------------------------
 
     def _log(self, step: int) -> dict[str, float]:
         return log_step(self, step)
 
-    # ---- budget (see gradwatch.engine.budget) ---------------------------------------------------
+    # ---- budget (see gradwatch.engine.budget) -------------------------------------------------------
 
     def _spent(self, t0: float, warmup: bool = False) -> None:
         self.budget.spent(t0, warmup)
@@ -402,7 +402,7 @@ class Watcher:
         if isinstance(owner, int):
             self._fail(owner, exc, what="reducing a forward activation")
 
-    # ---- state (see gradwatch.engine.state) ---------------------------------------------------
+    # ---- state (see gradwatch.engine.state) ---------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: interval and carried state of every diagnostic, the sinks' memory
