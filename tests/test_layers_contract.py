@@ -251,3 +251,41 @@ def test_config_names_no_family() -> None:
     assert words & {n for f in families() for n in (f.key, f.stem, f.config_class.__name__)} == set()
     homes = {f.config_class.__module__ for f in families()}
     assert [m for m in imported if m in homes or m == "gradwatch.metrics" or m.startswith("gradwatch.metrics.")] == []
+
+
+def test_no_metric_or_engine_module_depends_on_config() -> None:
+    """The metrics and the engine's helpers take ``Cadence`` and the checks from ``gradwatch.cadence`` and
+    ``gradwatch.checks``, below them; only the watcher, which is handed a ``WatchConfig``, names config."""
+    graph = _dependencies(_lazy_statements)
+    allowed = {"gradwatch.engine.watcher"}
+    offenders = sorted(name for name, targets in graph.items()
+                       if name.startswith(("gradwatch.metrics", "gradwatch.engine", "gradwatch.functional"))
+                       and name not in allowed and "gradwatch.config" in targets)
+    assert offenders == []
+    assert "gradwatch.config" in graph["gradwatch.engine.watcher"]  # the check has eyes
+
+
+MAX_LINES = 450
+LONG_REASON = re.compile(r"\b(longer|over) (than )?\d+ lines because\b", re.IGNORECASE)
+
+
+def _too_long(text: str) -> bool:
+    """Over :data:`MAX_LINES` lines without a reason in the first line of the module docstring
+    (``... (over 450 lines because <reason>)``)."""
+    if len(text.splitlines()) <= MAX_LINES:
+        return False
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    return not LONG_REASON.search(doc.split("\n", 1)[0])
+
+
+def test_no_file_over_450_lines_without_a_stated_reason() -> None:
+    """One concept per file (issue 15): a module over 450 lines says why in its docstring's first line."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert len(paths) > 20  # the walk sees the package
+    long = [f"{p.relative_to(PACKAGE.parent)}: {len(p.read_text().splitlines())} lines" for p in paths
+            if _too_long(p.read_text())]
+    assert long == []
+    body = "x = 1\n" * MAX_LINES
+    assert not _too_long('"""Short."""\n' + "x = 1\n" * (MAX_LINES - 1))
+    assert _too_long('"""A long one."""\n' + body)
+    assert not _too_long('"""A long one (over 450 lines because its tables are data)."""\n' + body)

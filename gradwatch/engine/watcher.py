@@ -13,11 +13,15 @@ Events, called by an adapter on every rank (see ``gradwatch.metrics.base`` for t
 - :meth:`Watcher.on_exception` and :meth:`Watcher.close`.
 
 It never writes ``.grad``, parameters, buffers, the optimizer or the user's RNG stream.
+
+The Watcher holds the step in flight and each diagnostic's interval bookkeeping; beside it in this package:
+the overhead budget and ``within_budget`` spacing (:mod:`gradwatch.engine.budget`), the logging event
+(:mod:`gradwatch.engine.emission`), alerts' cooldown and strict mode (:mod:`gradwatch.engine.alerts`), and
+what a checkpoint holds (:mod:`gradwatch.engine.state`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -27,29 +31,20 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.config import WatchConfig
+from gradwatch.engine.alerts import AlertGate, GradWatchAlert, GradWatchError
+from gradwatch.engine.budget import BUDGETED_SHARE_WITHOUT_BUDGET, OverheadBudget
 from gradwatch.engine.context import EngineStepContext
+from gradwatch.engine.emission import log_step
 from gradwatch.engine.hooks import ActivationCapture, MicroBatchGradients, batch_examples
 from gradwatch.engine.layers import WatchedLayers, discover_matrices, unwrap_model
 from gradwatch.engine.probe import ProbeSet
 from gradwatch.engine.ranks import Ranks
-from gradwatch.engine.sinks import Emission, Sink
-from gradwatch.metrics.base import Alert, ChartGroup, Diagnostic, Results, tensors_to
+from gradwatch.engine.sinks import Sink
+from gradwatch.engine.state import STATE_VERSION, diagnostic_key, load_watcher_state, watcher_state
+from gradwatch.metrics.base import ChartGroup, Diagnostic
 from gradwatch.registry import BuildInputs, families
 
-STATE_VERSION = 2
-BUDGETED_SHARE_WITHOUT_BUDGET = 0.05  # what a Cadence.within_budget() diagnostic aims at when max_overhead is off
-
-
-class GradWatchError(RuntimeError):
-    """A diagnostic failed while ``on_error="raise"``."""
-
-
-class GradWatchAlert(GradWatchError):
-    """An alert fired while ``on_error="raise"`` (strict mode)."""
-
-    def __init__(self, alert: Alert) -> None:
-        super().__init__(f"gradwatch alert {alert.rule} at step {alert.step}: {alert.message}")
-        self.alert = alert
+__all__ = ["BUDGETED_SHARE_WITHOUT_BUDGET", "STATE_VERSION", "GradWatchAlert", "GradWatchError", "Watcher"]
 
 
 class Watcher:
@@ -84,12 +79,11 @@ class Watcher:
         self._failed: set[int] = set()  # diagnostics with a failed observation in the current interval
         self._observed: set[int] = set()  # diagnostics observed (or tried) in the current interval, every rank
         self._failed_elsewhere: set[int] = set()  # failed on another rank this interval: logged as failed here too
-        self._alert_last: dict[str, int] = {}
-        self._engine_seconds = 0.0
-        self._warmup_seconds = 0.0  # one-off costs (attach, each diagnostic's first run): outside the budget
-        self._wall_start: float | None = None
-        self._warmed: set[int] = set()
-        self._budgeted: dict[int, dict[str, Any]] = {}  # Cadence.within_budget() diagnostics: last run, cost, period
+        cfg = self.config
+        self.alerts = AlertGate(cfg.alert_cooldown, cfg.on_alert, strict=cfg.on_error == "raise", ranks=self.ranks,
+                                say_once=self._warn_once)
+        self.budget = OverheadBudget(cfg.max_overhead, self.clock, self.ranks, say_once=self._warn_once,
+                                     describe=self._describe)
         # the step in flight
         self._step: int | None = None
         self._running: list[int] = []
@@ -118,7 +112,7 @@ class Watcher:
         t0 = self.clock()
         self._disarm()
         self._new_run()
-        self._wall_start = t0  # attach's own time counts in both numerator and denominator
+        self.budget.wall_start = t0  # attach's own time counts in both numerator and denominator
         self.ranks.refresh()
         self.model = unwrap_model(model)
         self.sinks = list(sinks) if self.is_rank_zero else []
@@ -177,11 +171,11 @@ class Watcher:
         self._weights_before = None
         cadences = [d.observe_cadence() for d in self.diagnostics]
         due = {i for i, c in enumerate(cadences) if c.budgeted_minimum is None and c.is_due(step)}
-        due |= self._budgeted_due(step, cadences)
+        due |= self.budget.due(step, cadences, self.budgeted_period)
         self._pending |= due
         self._running = []
         if self._pending:
-            if self.ranks.from_zero(self._over_budget()):  # rank zero decides for every rank
+            if self.ranks.from_zero(self.budget.over_budget(self._pending)):  # rank zero decides for every rank
                 self.postponed_steps += 1
                 self._warn_once("budget", f"gradwatch: postponing due diagnostics at step {step}: gradwatch has "
                                 f"used {100 * self.budgeted_overhead():.1f}% of the wall time (one-off costs aside), "
@@ -313,11 +307,7 @@ class Watcher:
                 failed[k] = True
                 self._fail(i, exc)
             seconds = self.clock() - t0
-            if i in self._budgeted:
-                self._note_cost(i, seconds, continuing=i in self._continuing)
-            if i not in self._warmed:
-                self._warmed.add(i)
-                self._warmup_seconds += seconds
+            self.budget.observed(i, seconds, continuing=i in self._continuing)
         if self.ranks.distributed:  # a failure on one rank is a failure on all: nobody waits for it later
             mine = failed.clone()
             failed = self.ranks.any(failed)
@@ -335,208 +325,35 @@ class Watcher:
             self._fail(i, exc, what="finding its modules")
             return ()
 
-    # ---- logging ------------------------------------------------------------------------------
-
-    def _log_due(self, i: int, step: int) -> bool:
-        cadence = self.diagnostics[i].log_cadence()
-        observed = i in self._observed  # the same on every rank, so collectives below stay in step
-        if cadence is None:
-            return observed and i in self._running
-        return observed and cadence.is_due(step)
+    # ---- logging (see gradwatch.engine.emission) ------------------------------------------------
 
     def _log(self, step: int) -> dict[str, float]:
-        results: list[Results] = []
-        due = [i for i in range(len(self.diagnostics)) if self._log_due(i, step)]
-        for i in due:
-            d = self.diagnostics[i]
-            self._observed.discard(i)
-            if not self._runs_here(i):
-                d.reset()
-                self._failed.discard(i)
-                self._failed_elsewhere.discard(i)
-                continue
-            try:
-                ok = d._update_count > 0 and i not in self._failed_elsewhere
-                res = Results.of(d.compute()) if ok else d.failed_result()
-            except Exception as exc:
-                self._fail(i, exc, what="compute")
-                res = d.failed_result()
-            d.reset()
-            self._failed.discard(i)
-            self._failed_elsewhere.discard(i)
-            results.append(res)
-        if not due:
-            return {}
-        if not results:  # a rank that runs none of the due diagnostics still joins the alert decision
-            self._handle_alerts([])
-            return {}
-        scalars = self._transfer([r.scalars for r in results])
-        scalars["gradwatch/overhead"] = self.overhead()
-        alerts = self._admit_alerts(step, [a for r in results for a in r.alerts])
-        emission = Emission(
-            scalars=scalars,
-            vectors={k: v.detach().double().cpu().numpy() for r in results for k, v in r.vectors.items()},
-            records={k: list(v) for r in results for k, v in r.records.items()},
-            texts={k: v for r in results for k, v in r.texts.items()},
-            alerts=alerts,
-            images={k: v.detach().float().clamp(0, 1).cpu().numpy() for r in results for k, v in r.images.items()})
-        for sink in self.sinks:
-            sink.write(step, emission)
-            sink.flush()
-        self.last_logged = scalars
-        self._latest.update((tag, (step, value)) for tag, value in scalars.items())
-        self._handle_alerts(alerts)
-        return scalars
+        return log_step(self, step)
 
-    @staticmethod
-    def _transfer(groups: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
-        """Every scalar of a step as floats: one stacked device-to-host transfer per device."""
-        by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
-        for group in groups:
-            for tag, value in group.items():
-                value = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
-                by_device.setdefault(value.device, []).append((tag, value))
-        out: dict[str, float] = {}
-        for items in by_device.values():
-            flat = torch.stack([v.reshape(()).to(torch.float64) for _, v in items]).cpu().tolist()
-            out.update(zip((t for t, _ in items), flat))
-        return out
-
-    # ---- alerts -------------------------------------------------------------------------------
-
-    def _admit_alerts(self, step: int, alerts: Sequence[Alert]) -> list[Alert]:
-        """Once per rule within ``alert_cooldown`` steps; the engine stamps the step."""
-        admitted = []
-        for a in alerts:
-            last = self._alert_last.get(a.rule)
-            if last is not None and step - last < self.config.alert_cooldown:
-                continue
-            self._alert_last[a.rule] = step
-            admitted.append(Alert(a.rule, a.severity, a.message, dict(a.evidence), tuple(a.remedies), step))
-        return admitted
-
-    def _handle_alerts(self, alerts: Sequence[Alert]) -> None:
-        strict = self.config.on_error == "raise"
-        if self.is_rank_zero and self.config.on_alert is not None:
-            for a in alerts:
-                try:
-                    self.config.on_alert(a)
-                except Exception as exc:
-                    if strict:
-                        raise GradWatchError(f"gradwatch: on_alert raised for {a.rule}: {exc!r}") from exc
-                    self._warn_once("on_alert", f"gradwatch: on_alert raised for {a.rule} and is ignored; training "
-                                                f"goes on (on_error='raise' makes this fatal): {exc!r}")
-        if not strict:
-            return
-        fire = self.ranks.from_zero(bool(alerts))  # every rank stops together
-        if alerts:
-            raise GradWatchAlert(alerts[0])
-        if fire:
-            raise GradWatchError("gradwatch: an alert fired on rank zero (strict mode)")
-
-    # ---- budget -------------------------------------------------------------------------------
+    # ---- budget (see gradwatch.engine.budget) -------------------------------------------------------
 
     def _spent(self, t0: float, warmup: bool = False) -> None:
-        dt = self.clock() - t0
-        self._engine_seconds += dt
-        if warmup:
-            self._warmup_seconds += dt
+        self.budget.spent(t0, warmup)
 
     def _spent_in_hooks(self, seconds: float) -> None:
-        self._engine_seconds += seconds
+        self.budget.spent_in_hooks(seconds)
 
     def overhead(self) -> float:
         """gradwatch's share of wall time since attach (everything it did, warm-up included)."""
-        return self._share(self._engine_seconds)
-
-    def _share(self, seconds: float) -> float:
-        if self._wall_start is None:
-            return 0.0
-        wall = self.clock() - self._wall_start
-        return seconds / wall if wall > 0 else 0.0
+        return self.budget.overhead()
 
     def budgeted_overhead(self) -> float:
         """gradwatch's share of wall time without its one-off costs: what ``max_overhead`` bounds."""
-        return self._share(self._engine_seconds - self._warmup_seconds)
-
-    def _over_budget(self) -> bool:
-        """Whether due work must wait. A diagnostic's first run always goes ahead, and one-off costs
-        (attach, first runs: lazy imports, thread pools, the probe draw) do not count against the budget,
-        so one slow start cannot silence a diagnostic for the rest of a run."""
-        budget = self.config.max_overhead
-        if budget is None or not (self._pending & self._warmed):
-            return False
-        return self.budgeted_overhead() > budget
-
-    # ---- budgeted cadences (Cadence.within_budget) -----------------------------------------------
-
-    def _budgeted_due(self, step: int, cadences: Sequence[Any]) -> set[int]:
-        """The ``within_budget`` diagnostics due at ``step`` (``cadences``: each diagnostic's observe cadence),
-        decided by rank zero for every rank."""
-        minima = {i: c.budgeted_minimum for i, c in enumerate(cadences) if c.budgeted_minimum is not None}
-        ids = list(minima)
-        if not ids:
-            return set()
-        flags = []
-        for i in ids:
-            b = self._budgeted.setdefault(i, {"last": None, "cost": None, "runs": 0, "period": None})
-            minimum = minima[i]
-            if b["last"] is None:
-                flags.append(True)  # the first run of this run (step 1, or the first step after a resume)
-                continue
-            gap = step - b["last"]
-            if gap < minimum:
-                flags.append(False)
-                continue
-            if b["period"] is None:  # fixed for this interval, from at least `minimum` steps of training time
-                b["period"] = self.budgeted_period(i, minimum, len(ids))
-            flags.append(gap >= b["period"])
-        flags = self.ranks.flags_from_zero(flags)
-        for i, f in zip(ids, flags):
-            if f:
-                self._budgeted[i]["last"] = step
-        return {i for i, f in zip(ids, flags) if f}
+        return self.budget.budgeted_overhead()
 
     def budgeted_period(self, i: int, minimum: int, count: int) -> int:
-        """Steps between two runs of the ``within_budget`` diagnostic ``i``: the smallest k >= ``minimum`` with
-        cost / (k * step) <= share, where cost is its measured seconds per run (the first run's, one-off costs
-        included, so the first gap errs long; then the second run's; then an exponential average: a second run
-        soon after the first would be budgeted and could silence every family for many steps), step the
-        training's own seconds per step
-        (wall time since attach less gradwatch's, over the steps taken) and share = max_overhead / (count + 1)
-        for ``count`` such diagnostics (the rest of the budget is left to fixed cadences; 5% when
-        max_overhead is off). A period within 25% of the previous one keeps the previous one, so the runs
-        stay evenly spaced."""
-        b = self._budgeted[i]
-        wall = self.clock() - (self._wall_start or 0.0)
-        step_seconds = (wall - self._engine_seconds) / max(self.steps_seen, 1)
-        budget = self.config.max_overhead or BUDGETED_SHARE_WITHOUT_BUDGET
-        share = budget / (count + 1)
-        cost = b["cost"] or 0.0
-        period = minimum if step_seconds <= 0 or cost <= 0 else max(minimum, math.ceil(cost / (share * step_seconds)))
-        old = b.get("previous")
-        if old is not None and 0.8 * old <= period <= 1.25 * old:
-            period = old
-        b["previous"] = period
-        if period > 10 * minimum and step_seconds > 0:
-            measured = "its first run, one-off costs included" if b["runs"] < 2 else "its measured cost"
-            self._warn_once(f"budgeted:{i}", f"gradwatch: {self._describe(i)} costs {cost:.3g} s a run, "
-                            f"{cost / step_seconds:.0f} training steps' time ({measured}); within its share of "
-                            f"max_overhead={budget:g} ({share:.1%}) it runs every {period} steps. To see more "
-                            "points, make it cheaper (e.g. a smaller probe_size) or give a fixed cadence (every=N) "
-                            "and a larger max_overhead (said once)")
-        return period
+        """Steps between two runs of the ``within_budget`` diagnostic ``i`` (:meth:`OverheadBudget.period`)."""
+        return self.budget.period(i, minimum, count, self.steps_seen)
 
-    def _note_cost(self, i: int, seconds: float, continuing: bool = False) -> None:
-        """Add one observation's seconds to the cost of a run of the ``within_budget`` diagnostic ``i``: a new
-        run, or (``continuing``, :meth:`Diagnostic.continues`) the run under way, so a burst costs its sum."""
-        b = self._budgeted[i]
-        if continuing and b["cost"] is not None:
-            b["cost"] += seconds if b["runs"] <= 2 else 0.3 * seconds  # the same exponential average, summed
-            return
-        b["runs"] += 1
-        b["cost"] = seconds if b["runs"] <= 2 or b["cost"] is None else 0.7 * b["cost"] + 0.3 * seconds
-        b["period"] = None
+    @property
+    def _budgeted(self) -> dict[int, dict[str, Any]]:
+        """The ``within_budget`` diagnostics' runs: last step, cost, runs, period."""
+        return self.budget.budgeted
 
     # ---- probe --------------------------------------------------------------------------------
 
@@ -585,26 +402,12 @@ class Watcher:
         if isinstance(owner, int):
             self._fail(owner, exc, what="reducing a forward activation")
 
-    # ---- state --------------------------------------------------------------------------------
+    # ---- state (see gradwatch.engine.state) ---------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: interval and carried state of every diagnostic, the sinks' memory
         (heatmap history), postponed work, alert cooldowns, counters."""
-        return {
-            "version": STATE_VERSION,
-            "diagnostics": {self._key(i): {"interval": {k: v.cpu() for k, v in d.state_dict().items()},
-                                           "updates": int(d._update_count),
-                                           "carried": tensors_to(d.carried_state(), "cpu"),
-                                           "failed": i in self._failed}
-                            for i, d in enumerate(self.diagnostics)},
-            "sinks": [s.state_dict() for s in self.sinks],
-            "pending": sorted(self._pending),
-            "alert_last": dict(self._alert_last),
-            "budgeted": {self._key(i): {k: v for k, v in b.items() if k != "period"} for i, b in self._budgeted.items()},
-            "steps_seen": self.steps_seen,
-            "skipped_steps": self.skipped_steps,
-            "postponed_steps": self.postponed_steps,
-        }
+        return watcher_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`: into the diagnostics there are (a loop restoring after :meth:`attach`)
@@ -616,30 +419,7 @@ class Watcher:
         self._restored = state
 
     def _key(self, i: int) -> str:
-        d = self.diagnostics[i]
-        return f"{i}:{d.stem}:{type(d).__name__}"
+        return diagnostic_key(self, i)
 
     def _load(self, state: Mapping[str, Any]) -> None:
-        saved = state.get("diagnostics", {})
-        for i, d in enumerate(self.diagnostics):
-            entry = saved.get(self._key(i))
-            if entry is None:
-                continue
-            d.load_state_dict({k: v.to(d.device) for k, v in entry["interval"].items()}, strict=False)
-            d._update_count = int(entry.get("updates", 0))
-            d.load_carried_state(tensors_to(entry.get("carried", {}), d.device))
-            if entry.get("failed"):
-                self._failed.add(i)
-            if entry.get("updates", 0) or entry.get("failed"):
-                self._observed.add(i)
-        for sink, s in zip(self.sinks, state.get("sinks", [])):
-            sink.load_state_dict(s)
-        self._pending = set(state.get("pending", []))
-        self._alert_last = dict(state.get("alert_last", {}))
-        keys = {self._key(i): i for i in range(len(self.diagnostics))}
-        self._budgeted = {keys[k]: {**dict(b), "period": None} for k, b in state.get("budgeted", {}).items()
-                          if k in keys}
-        self.steps_seen = int(state.get("steps_seen", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.postponed_steps = int(state.get("postponed_steps", 0))
-
+        load_watcher_state(self, state)

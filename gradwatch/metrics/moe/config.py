@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from gradwatch.config import Cadence, as_cadence, check_bool, check_choice, check_float, check_int, fail
+from gradwatch.cadence import Cadence, as_cadence
+from gradwatch.checks import check_bool, check_choice, check_float, check_int, fail
 
 
 @dataclass(frozen=True)

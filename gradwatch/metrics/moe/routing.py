@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwatch.config import Cadence
+from gradwatch.cadence import Cadence
 from gradwatch.functional.moe import SUM_FIELDS, RouterStatistics, load_statistics, router_statistics
 from gradwatch.metrics.base import ActivationSite, Chart, ChartGroup, Diagnostic, Results, StepContext
 from gradwatch.metrics.moe.alerts import CollapseRule

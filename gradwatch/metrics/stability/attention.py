@@ -43,7 +43,8 @@ class AttentionLogits(_StabilityDiagnostic):
         self.history: list[tuple[int | None, float]] = []  # carried: (step, global max) per logging event
         self._pending: dict[int, list[Tensor]] = {}
         self._sdpa_seen: dict[int, bool] = {}
-        self._dtype = torch.float64 if self.config.attention_precision == "float64" else torch.float32
+        # not _dtype: torchmetrics owns that name and resets it to float32 on every .to() (the engine's attach)
+        self._logit_dtype = torch.float64 if self.config.attention_precision == "float64" else torch.float32
 
     # hooks ---------------------------------------------------------------------------------------
 
@@ -66,7 +67,7 @@ class AttentionLogits(_StabilityDiagnostic):
             self._sdpa_seen[i] = True
             self._add(i, attention_logit_statistics(query, key, attn_mask, is_causal, scale, enable_gqa,
                                                     max_exact_len=self.config.max_exact_seq_len,
-                                                    dtype=self._dtype))
+                                                    dtype=self._logit_dtype))
         return on_attention
 
     def _on_forward(self, i: int):
@@ -93,7 +94,7 @@ class AttentionLogits(_StabilityDiagnostic):
         inputs = multihead_attention_qk(module, bound["query"], bound["key"], bound.get("key_padding_mask"),
                                         bound.get("attn_mask"), bool(bound.get("is_causal", False)))
         self._add(i, attention_logit_statistics(inputs.query, inputs.key, inputs.attn_mask, False, inputs.scale,
-                                                max_exact_len=self.config.max_exact_seq_len, dtype=self._dtype))
+                                                max_exact_len=self.config.max_exact_seq_len, dtype=self._logit_dtype))
 
     def activation_sites(self, model: nn.Module) -> list[ActivationSite]:
         return [ActivationSite(name=n, module=_submodule(model, n), on_forward=self._on_forward(i),
