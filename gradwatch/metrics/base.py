@@ -10,7 +10,8 @@ Lifecycle, driven by the engine (``gradwatch.engine.watcher.Watcher``) from five
 event              what the engine does
 =================  ===========================================================================
 step start         before the first micro-batch's forward of optimizer step t: decides what is due
-                   at t, arms the forward hooks of due diagnostics that need ``"activations"``
+                   at t (its cadence, or :meth:`Diagnostic.continues` for a burst under way), arms the
+                   forward hooks of due diagnostics that need ``"activations"``
 gradients ready    gradients final (accumulated, unscaled, all-reduced, pre-clip): disarms the hooks,
                    snapshots the watched weights for ``"weights_before"``, then runs ``observe`` of
                    due diagnostics whose ``phase`` is ``"gradients_ready"``

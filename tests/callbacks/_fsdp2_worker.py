@@ -611,7 +611,7 @@ def run_gradwatch_reference(out_dir: str) -> None:
 # gradwatch signals: the opposing-signals family under FSDP2 (tests/callbacks/test_fsdp2.py)
 # --------------------------------------------------------------------------------------------------------
 
-SIGNALS_STEPS = 12  # with a window of 5 changes, pairs are looked for from probe step 6 on
+SIGNALS_STEPS = 12  # with a window of 5 one-step changes, pairs are looked for from probe step 6 on
 SIGNALS_N = SIGNALS_STEPS * BATCH * WORLD  # 192: one epoch exactly, as in make_dataset
 SIGNALS_WINDOW = 5
 SIGNALS_GROUP = 16  # planted examples per side
@@ -677,9 +677,9 @@ def signals_callback(mode: str):  # noqa: ANN201
 
 
 class SignalsRecord(RunRecord):
-    """``RunRecord`` plus, on every rank, the signals family's carried window (``losses`` [probe steps, probe
-    examples] of the last ``window + 1`` probe steps, their ``steps``, the probe's dataset ``indices``) and
-    the probe's dataset indices as the engine drew them."""
+    """``RunRecord`` plus, on every rank, the signals family's carried window (``changes`` [window, probe
+    examples], the one-step changes ending at ``change_steps``, the latest losses ``last``, the probe's dataset
+    ``indices``) and the probe's dataset indices as the engine drew them."""
 
     def extra(self, trainer) -> dict:  # noqa: ANN001
         state = self.gw.watcher.state_dict()

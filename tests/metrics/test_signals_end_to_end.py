@@ -250,9 +250,10 @@ def test_ddp_two_cpu_ranks_split_the_probe_and_make_one_report(tmp_path: Any) ->
     run_worker(WORKER, str(tmp_path), timeout=180)  # a hang fails here
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    # the same window on both ranks: every rank holds the whole probe's losses, gathered in probe order
-    assert torch.equal(ranks[0]["carried"]["losses"], ranks[1]["carried"]["losses"])
-    assert ranks[0]["carried"]["steps"].tolist() == [3, 4, 5, 6, 7, 8]
+    # the same window on both ranks: every rank holds the whole probe's one-step changes, gathered in probe order
+    assert torch.equal(ranks[0]["carried"]["changes"], ranks[1]["carried"]["changes"])
+    assert torch.equal(ranks[0]["carried"]["last"], ranks[1]["carried"]["last"])
+    assert ranks[0]["carried"]["change_steps"].tolist() == [4, 5, 6, 7, 8]
     # ... and they are the probe's losses under the final weights, evaluated here in one process
     model = Classifier()
     model.load_state_dict(ranks[0]["weights"])
@@ -261,7 +262,10 @@ def test_ddp_two_cpu_ranks_split_the_probe_and_make_one_report(tmp_path: Any) ->
     x, y = data.tensors[0][ranks[0]["indices"]], data.tensors[1][ranks[0]["indices"]]
     with torch.no_grad():
         expected = F.cross_entropy(model(x), y, reduction="none").double()
-    torch.testing.assert_close(ranks[0]["carried"]["losses"][-1], expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ranks[0]["carried"]["last"], expected, rtol=1e-6, atol=1e-7)
     rows = read_jsonl(os.path.join(ranks[0]["log_dir"], "signals.jsonl"))
     assert [r["step"] for r in rows] == list(range(2, 9))  # one report, written once (by rank zero)
-    assert set(read_scalars(ranks[0]["log_dir"])["signals/outliers"]) == set(range(1, 9))
+    assert set(read_scalars(ranks[0]["log_dir"])["signals/outliers"]) == set(range(2, 9))
+    # the representations of both ranks' probe blocks were gathered for the pairs' shared direction
+    shared = [p["shared_direction"] for r in rows for p in r["pairs"]]
+    assert shared and all(v is not None for v in shared), shared
