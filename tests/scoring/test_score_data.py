@@ -345,3 +345,44 @@ def test_parquet_and_page(tmp_path: Path) -> None:
     table = pq.read_table(tmp_path / "scores.parquet").to_pylist()
     assert [r["index"] for r in table] == [0, 1, 2] and "effective_rank/q/late" in table[0]
     assert (tmp_path / "index.html").is_file() and (tmp_path / "per_layer_effective_rank.png").is_file()
+
+
+def test_memory_cap_and_untraceable_models_take_one_example_at_a_time(tmp_path: Path) -> None:
+    from gradwatch.scoring.score import Scorer
+
+    tok = tiny.tokenizer()
+    assert Scorer(tiny.gpt2(), tok, ScoringOptions(max_length=MAX_LENGTH)).chunk > 8
+    capped = score_dataset(tiny.gpt2(), tok, examples(), tmp_path / "capped",
+                           ScoringOptions(max_length=MAX_LENGTH, max_memory_mb=0.01), progress=False, figures=False)
+    assert capped.how == {"loop"}
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: vmap cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny.gpt2()
+            self.config = self.inner.config
+
+        def forward(self, input_ids, attention_mask=None):
+            if bool(input_ids.sum() >= 0):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+            raise AssertionError
+
+    with pytest.warns(UserWarning, match="vmap cannot trace this model"):
+        branchy = score_dataset(Branchy(), tok, examples(), tmp_path / "branchy",
+                                ScoringOptions(max_length=MAX_LENGTH, batch_size=3), progress=False, figures=False)
+    assert branchy.how == {"loop"}
+    a = read_scores(tmp_path / "capped" / "scores.jsonl")
+    b = read_scores(tmp_path / "branchy" / "scores.jsonl")
+    for x, y in zip(a, b):  # the same model inside: the same statistics
+        assert x["groups"]["effective_rank"]["all"] == pytest.approx(y["groups"]["effective_rank"]["all"], rel=1e-6)
+
+
+def test_a_long_prompt_is_cut_from_its_start_and_the_response_kept(tmp_path: Path) -> None:
+    tok = tiny.tokenizer()
+    long_prompt = parse_record({"instruction": "x" * 80, "response": "yes, indeed"}, 0, "line 1")
+    enc = encode(tok, long_prompt, "causal_lm", MAX_LENGTH)
+    assert enc["input_ids"].numel() == MAX_LENGTH and int((enc["labels"] != -100).sum()) == len("yes, indeed") + 1
+    assert tok.decode(enc["input_ids"][-12:-1]) .replace(" ", "") == "yes,indeed"
+    result = score_dataset(tiny.gpt2(), tok, [long_prompt, *examples()[1:3]], tmp_path,
+                           ScoringOptions(max_length=MAX_LENGTH), progress=False, figures=False)
+    assert result.summary["scored"] == 3 and not result.summary["failed"]
