@@ -82,8 +82,8 @@ def score_data_command(ns: argparse.Namespace) -> int:
         model, tokenizer, objective = load_model(ns.model, ns.objective, ns.dtype)
         options = ScoringOptions(**{**options.__dict__, "objective": objective})
         out = ns.out or os.path.join("gradwatch-scores", Path(ns.dataset.rstrip("/\\")).stem)
-        result = score_dataset(model, tokenizer, examples, out, options, model_name=str(ns.model),
-                               dataset_name=str(ns.dataset), progress=not ns.no_progress, figures=not ns.no_figures)
+        result = score_dataset(model, tokenizer, examples, out, options, model_name=str(Path(ns.model).resolve()),
+                               dataset_name=str(Path(ns.dataset).resolve()), progress=not ns.no_progress, figures=not ns.no_figures)
     except ValueError as error:
         return _error(f"{name}: {str(error).removeprefix('gradwatch score-data: ')}")
     except OSError as error:

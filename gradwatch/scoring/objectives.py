@@ -64,7 +64,8 @@ def encode(tokenizer: Any, example: Example, objective: Objective, max_length: i
         ValueError: nothing of the response is left within ``max_length`` tokens.
     """
     if objective == "causal_lm":
-        prompt = _ids(tokenizer, prompt_text(tokenizer, example), special=True)
+        templated = bool(getattr(tokenizer, "chat_template", None))  # the template writes its own special tokens
+        prompt = _ids(tokenizer, prompt_text(tokenizer, example), special=not templated)
         response = _ids(tokenizer, example.response, special=False)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:

@@ -93,7 +93,7 @@ class ScoringOptions:
         if self.method not in ("gram", "svdvals"):
             raise ValueError(f"gradwatch score-data: method expected 'gram' or 'svdvals', got {self.method!r}")
         stat = self.rank_by.split("/", 1)[0]
-        if stat not in RANK_DIRECTIONS or (stat == "loss") != (self.rank_by == "loss"):
+        if stat not in RANK_DIRECTIONS or (self.rank_by != "loss" and "/" not in self.rank_by):
             raise ValueError(f"gradwatch score-data: rank_by expected 'loss' or '<stat>/<group>' with a stat among "
                              f"{list(SCORE_STATS)} (e.g. 'effective_rank/all', 'nuclear_norm/q/late'), got {self.rank_by!r}")
 
@@ -367,6 +367,9 @@ def score_dataset(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(model, tokenizer, options)
+    if options.rank_by != "loss" and options.rank_by.split("/", 1)[1] not in scorer.groups:
+        raise ValueError(f"gradwatch score-data: rank_by {options.rank_by!r}: no layer group "
+                         f"{options.rank_by.split('/', 1)[1]!r} in this model; its groups are {list(scorer.groups)}")
     by_index = {ex.index: ex for ex in examples}
     if len(by_index) != len(examples):
         raise ValueError("gradwatch score-data: the examples' indices are not unique")

@@ -386,3 +386,25 @@ def test_a_long_prompt_is_cut_from_its_start_and_the_response_kept(tmp_path: Pat
     result = score_dataset(tiny.gpt2(), tok, [long_prompt, *examples()[1:3]], tmp_path,
                            ScoringOptions(max_length=MAX_LENGTH), progress=False, figures=False)
     assert result.summary["scored"] == 3 and not result.summary["failed"]
+
+
+def test_cli_messages_for_a_model_path_and_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, tiny.RECORDS[:2])
+    assert cli.main(["score-data", str(tmp_path / "nowhere"), str(data)]) == 2
+    assert "not a local Hugging Face model folder (no config.json)" in capsys.readouterr().err
+    assert cli.main(["score-data", str(tmp_path), str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file or folder" in capsys.readouterr().err
+    model = tiny.save_tiny_model(tmp_path / "model")
+    capsys.readouterr()
+    assert cli.main(["score-data", str(model), str(data), "--rank-by", "effective_rank", "-o", str(tmp_path / "o")]) == 2
+    assert "rank_by expected 'loss' or '<stat>/<group>'" in capsys.readouterr().err
+    assert cli.main(["score-data", str(model), str(data), "--rank-by", "effective_rank/x", "-o", str(tmp_path / "o")]) == 2
+    assert "no layer group 'x' in this model; its groups are ['all', 'q'," in capsys.readouterr().err
+    out = tmp_path / "resumed"
+    args = ["score-data", str(model), str(data), "-o", str(out), "--no-progress", "--no-figures", "--max-length", "32"]
+    assert cli.main(args) == 0 and cli.main(args) == 0
+    assert "2 of 2 examples scored (2 from before, 0 now" in capsys.readouterr().out
+    assert cli.main([*args[:-1], "40"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a scoring with other settings (" in err and "options.max_length differ" in err
