@@ -4,7 +4,8 @@
 tokenized as one sequence, and the loss is the mean next-token cross-entropy over the response tokens only
 (every prompt position has label -100). The prompt is the tokenizer's chat template applied to the prompt turns
 with the generation prompt added when the tokenizer has a template, else the plain layout
-``"### Instruction:\\n{prompt}\\n\\n### Response:\\n"``; the response ends with the EOS token when the tokenizer
+``"### Instruction:\\n{prompt}\\n\\n### Response:\\n"`` (a conversation's turns written ``role: content``, one per
+paragraph); the response ends with the EOS token when the tokenizer
 has one. Too long a pair keeps its response first: the prompt is cut from its start down to no less than half of
 ``max_length``, then the sequence is cut at ``max_length``.
 
@@ -54,7 +55,9 @@ def prompt_text(tokenizer: Any, example: Example) -> str:
     turns = [{"role": m.role, "content": m.content} for m in example.prompt]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return PLAIN_PROMPT.format(prompt=example.prompt_text)
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return PLAIN_PROMPT.format(prompt=turns[0]["content"])
+    return PLAIN_PROMPT.format(prompt="\n\n".join(f"{t['role']}: {t['content']}" for t in turns))
 
 
 def encode(tokenizer: Any, example: Example, objective: Objective, max_length: int) -> Encoded:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-CHARS = string.ascii_lowercase + string.digits + " .,?!'#:\n"
+CHARS = string.ascii_letters + string.digits + " .,?!'#:\n"
 
 
 def tokenizer():
@@ -16,7 +16,7 @@ def tokenizer():
 
     vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 

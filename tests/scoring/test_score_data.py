@@ -56,8 +56,8 @@ def reference_statistics(g: torch.Tensor) -> dict[str, float]:
 def reference_matrices(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each scored tag's gradient matrix of ``loss``, by torch.autograd, fused GPT-2 c_attn split by hand."""
     params = dict(model.named_parameters())
-    weights = [n for n in params if n.endswith("weight") and params[n].ndim == 2 and ".h." in n or ".layer." in n]
-    weights = [n for n in weights if params[n].ndim == 2]
+    weights = [n for n in params if n.endswith("weight") and params[n].ndim == 2 and "emb" not in n and "wte" not in n
+               and "wpe" not in n]
     grads = dict(zip(weights, torch.autograd.grad(loss, [params[n] for n in weights], allow_unused=True)))
     out = {}
     for name, g in grads.items():
@@ -119,6 +119,23 @@ def check_against_reference(model, objective: str, tmp_path: Path, batch_size: i
 @pytest.mark.parametrize("batch_size", [4, 1], ids=["vmap", "one-at-a-time"])
 def test_causal_lm_statistics_equal_float64_reference(tmp_path: Path, batch_size: int) -> None:
     assert check_against_reference(tiny.gpt2(dtype=torch.float64), "causal_lm", tmp_path, batch_size, 1e-5) > 500
+
+
+def tiny_llama(dtype: torch.dtype = torch.float64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tiny.CHARS) + 2, max_position_embeddings=128,
+                         pad_token_id=1, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    config.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def test_llama_statistics_equal_float64_reference(tmp_path: Path) -> None:
+    """The seed papers' model family (q/k/v/o_proj, gate/up/down_proj; grouped-query attention, rotary)."""
+    assert check_against_reference(tiny_llama(), "causal_lm", tmp_path, 4, 1e-5) > 500
 
 
 def test_pair_cosine_statistics_equal_float64_reference(tmp_path: Path) -> None:
@@ -408,3 +425,21 @@ def test_cli_messages_for_a_model_path_and_options(tmp_path: Path, capsys: pytes
     assert cli.main([*args[:-1], "40"]) == 2
     err = capsys.readouterr().err
     assert "holds a scoring with other settings (" in err and "options.max_length differ" in err
+
+
+def test_loss_is_on_the_response_tokens_only_with_and_without_a_chat_template() -> None:
+    tok = tiny.tokenizer()
+    ex = examples()[5]  # a conversation: system, user, assistant, user, then the scored assistant turn
+    response = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for template in (None, "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant: {% endif %}"):
+        tok.chat_template = template
+        enc = encode(tok, ex, "causal_lm", 200)
+        labels, ids = enc["labels"].tolist(), enc["input_ids"].tolist()
+        start = len(ids) - len(response)
+        assert ids[start:] == response and labels[start:] == response and set(labels[:start]) == {-100}
+        prompt = tok.decode(ids[:start]).replace(" ", "")
+        if template is None:
+            assert prompt == "###Instruction:\nsystem:bebrief\n\nuser:why?\n\nassistant:because.\n\nuser:ok\n\n###Response:\n"
+        else:
+            assert prompt == "system:bebrief\nuser:why?\nassistant:because.\nuser:ok\nassistant:".replace(" ", "")
