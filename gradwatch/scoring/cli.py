@@ -45,6 +45,7 @@ def add_score_data_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="examples per chunk (overrides the cap; 1: one example at a time)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the model's dtype")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...; default cpu)")
     p.add_argument("--rank-by", default="effective_rank/all", metavar="STAT/GROUP",
                    help="what the ranking orders by (default effective_rank/all; stats: nuclear_norm, effective_rank, "
                         "spectral_norm, stable_rank, frobenius_norm; "
@@ -79,7 +80,7 @@ def score_data_command(ns: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(ns.threads)
-        model, tokenizer, objective = load_model(ns.model, ns.objective, ns.dtype)
+        model, tokenizer, objective = load_model(ns.model, ns.objective, ns.dtype, ns.device)
         options = ScoringOptions(**{**options.__dict__, "objective": objective})
         out = ns.out or os.path.join("gradwatch-scores", Path(ns.dataset.rstrip("/\\")).stem)
         result = score_dataset(model, tokenizer, examples, out, options, model_name=str(Path(ns.model).resolve()),

@@ -57,6 +57,8 @@ class PerExampleGradients:
         from torch.func import grad_and_value, vmap
 
         fn = grad_and_value(self._function())
+        device = next(iter(self.weights.values())).device
+        examples = [{k: v.to(device) for k, v in ex.items()} for ex in examples]
         with torch.no_grad():  # torch.func.grad differentiates inside; nothing else records a graph
             if self.use_vmap and len(examples) > 1:
                 try:

@@ -11,7 +11,8 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def load_model(path: str | os.PathLike, objective: str | None = None, dtype: str = "float32") -> tuple[Any, Any, str]:
+def load_model(path: str | os.PathLike, objective: str | None = None, dtype: str = "float32",
+               device: str = "cpu") -> tuple[Any, Any, str]:
     """``(model, tokenizer, objective)`` from a local model folder, in eval mode with eager attention.
 
     The causal LM head is loaded for ``causal_lm`` (or when the folder's config names a ``...ForCausalLM`` /
@@ -49,4 +50,8 @@ def load_model(path: str | os.PathLike, objective: str | None = None, dtype: str
     finally:
         transformers.logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as error:  # no such device, or torch built without it
+        raise ValueError(f"--device {device!r}: {error}") from None
     return model.eval(), tokenizer, objective

@@ -219,6 +219,7 @@ class Scorer:
         """The model-side part of ``run.json``."""
         return {"objective": self.objective,
                 "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "device": next(self.model.parameters()).device.type,
                 "matrices": [{"tag": m.tag, "role": m.role, "block": m.block, "shape": list(s)}
                              for m, s in zip(self.matrices, self.shapes)],
                 "groups": self.groups, "stats": list(SCORE_STATS), "chunk": self.chunk}
