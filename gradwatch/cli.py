@@ -93,7 +93,9 @@ def build_parser(knob_list: Sequence[Any] | None = None) -> argparse.ArgumentPar
                     "family: a_l and b_l are layer l's statistic averaged over all logged steps of run A and "
                     "run B, and RD = mean over layers l of |a_l - b_l| / |a_l| (over layers logged in both "
                     "runs with finite averages and a_l != 0). Prints a table and writes an HTML page of both "
-                    "runs' per-layer curves.")
+                    "runs' per-layer curves. Given two `gradwatch score-data` output directories instead (two "
+                    "datasets scored on one model), prints the same RD per layer group (q, k, v, o, mlp, depth "
+                    "thirds) with both datasets' means.")
     compare.add_argument("run_a", metavar="RUN_A", help="the reference run (RD is relative to it); or a "
                                                         "`score-data` output directory, compared by layer group")
     compare.add_argument("run_b", metavar="RUN_B")

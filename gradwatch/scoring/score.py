@@ -386,6 +386,9 @@ def score_dataset(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
         if changed:
             raise ValueError(f"gradwatch score-data: {out} holds a scoring with other settings ({', '.join(changed)} "
                              f"differ); give another output directory, or delete it to start over")
+    elif scores_path.is_file() and scores_path.stat().st_size:
+        raise ValueError(f"gradwatch score-data: {out} has a {SCORES_FILE} but no {RUN_FILE} saying what it scored; "
+                         f"give another output directory, or delete it to start over")
     _write_json(run_path, run)
     done = {r["index"]: r for r in read_scores(scores_path, repair=True)}
     resumed = len(done)

@@ -201,6 +201,10 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"options.max_length"):
         score_dataset(tiny.gpt2(), tiny.tokenizer(), examples()[:3], tmp_path, ScoringOptions(max_length=40),
                       progress=False, figures=False)
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(ValueError, match=r"has a scores.jsonl but no run.json"):
+        score_dataset(tiny.gpt2(), tiny.tokenizer(), examples()[:3], tmp_path, ScoringOptions(max_length=MAX_LENGTH),
+                      progress=False, figures=False)
 
 
 # --- reading datasets -------------------------------------------------------------------------------------------
