@@ -5,10 +5,12 @@ The training-time side of ``gradwatch score-data`` (Li et al. 2024, 2025: per-ex
 mode). At its cadence, for each of the first ``size`` probe examples: the gradient of that example's own loss
 with respect to every watched matrix (the route of :class:`~gradwatch.metrics.grad_spectrum.PerExampleGradSpectrum`:
 ``torch.func.vmap(grad)`` in chunks, or a loop; nothing written to ``.grad``), each matrix's statistics, and the
-example's value: the mean over the watched matrices (the ``all`` group of ``score-data``). Logged:
+example's value per layer group: the mean over the group's matrices (the groups of ``score-data``: ``all`` watched
+matrices, and the q, k, v, o and MLP matrices of the transformer blocks). Logged:
 
-- ``example_quality/<stat>/{mean,p10,median,p90,min,max}``: the distribution over the probe examples;
-- ``example_quality/<stat>``: the per-example values, as a histogram;
+- ``example_quality/<stat>/{mean,p10,median,p90,min,max}``: the distribution over the probe examples (group ``all``);
+- ``example_quality/<stat>/<role>/{p10,median,p90}`` for each role the model has (``q``, ``k``, ``v``, ``o``, ``mlp``);
+- ``example_quality/<stat>``: the per-example values (group ``all``), as a histogram;
 - ``example_quality/tails``: text, the ``tails`` examples at each end of ``rank_by`` with their dataset index and
   value, decoded by the probe's ``decode`` (the Hugging Face Trainer's tokenizer; a short description otherwise),
   so a person sees which training examples look low-quality while training (the papers: higher-quality data
@@ -29,12 +31,14 @@ import torch
 from torch import Tensor
 
 from gradwatch.config import Cadence, as_cadence, check_choice, check_int, fail
+from gradwatch.functional.layer_roles import ROLES, block_index, matrix_role, role_groups
 from gradwatch.functional.spectra import STATISTICS, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Results, StepContext
 from gradwatch.metrics.grad_spectrum import PerExampleGradSpectrum
 from gradwatch.registry import BuildInputs, Family
 
 QUANTITIES: tuple[str, ...] = ("mean", "p10", "median", "p90", "min", "max")
+ROLE_QUANTITIES: tuple[str, ...] = ("p10", "median", "p90")
 #: the end of each statistic the papers associate with lower-quality data (Li et al. 2025)
 LOW_QUALITY_END = {"nuclear_norm": "high", "spectral_norm": "high", "frobenius_norm": "high",
                    "effective_rank": "low", "stable_rank": "low", "top1_ratio": "high"}
@@ -120,8 +124,10 @@ class ExampleQuality(PerExampleGradSpectrum):
             raise ValueError(f"gradwatch: ExampleQuality rank_by {rank_by!r} is not among its stats {list(self.stats)}")
         self.tails = tails
         self.rank_by = rank_by
-        self.add_state("values", torch.full((len(self.stats), num_examples), math.nan, dtype=torch.float64),
-                       dist_reduce_fx=None, persistent=True)
+        groups = role_groups([matrix_role(t) for t in self.tags], [block_index(t) for t in self.tags])
+        self.groups = {g: rows for g, rows in groups.items() if g == "all" or g in ROLES}
+        self.add_state("values", torch.full((len(self.stats), len(self.groups), num_examples), math.nan,
+                                            dtype=torch.float64), dist_reduce_fx=None, persistent=True)
         self.add_state("tail_bytes", torch.zeros(0, dtype=torch.uint8), dist_reduce_fx=None, persistent=True)
 
     def observe(self, ctx: StepContext) -> None:
@@ -133,11 +139,16 @@ class ExampleQuality(PerExampleGradSpectrum):
             grads = self._vmap_gradients(extra, probe, names, params) if self.use_vmap else None
             if grads is None:
                 grads = self._loop_gradients(extra, probe, names, params)
-        watched = [w for w in ctx.watched if w.param_name in grads]
+        column = {t: j for j, t in enumerate(self.tags)}
+        watched = [w for w in ctx.watched if w.param_name in grads and w.tag in column]
         mats = [w.matrix(grads[w.param_name][k]) for k in range(n) for w in watched]
         values, _ = gradient_spectrum_statistics(mats, self.stats, self.method)
-        per_example = torch.stack([values[s].reshape(n, len(watched)).nanmean(-1) for s in self.stats])
-        self.update(per_example, self._tails(per_example, probe, n))
+        table = torch.full((len(self.stats), n, len(self.tags)), math.nan, dtype=torch.float64)
+        cols = torch.tensor([column[w.tag] for w in watched], dtype=torch.long)
+        for s, stat in enumerate(self.stats):
+            table[s][:, cols] = values[stat].reshape(n, len(watched)).cpu().double()
+        per_example = torch.stack([table[:, :, rows].nanmean(-1) for rows in self.groups.values()], dim=1)
+        self.update(per_example, self._tails(per_example[:, 0], probe, n))
 
     def _tails(self, per_example: Tensor, probe: Any, n: int) -> list[dict[str, Any]]:
         if self.tails == 0:
@@ -159,9 +170,9 @@ class ExampleQuality(PerExampleGradSpectrum):
         return out
 
     def update(self, per_example: Tensor, tails: Sequence[dict[str, Any]] = ()) -> None:  # type: ignore[override]
-        """Record one observation: (stats, n) per-example values and the decoded tails."""
+        """Record one observation: (stats, groups, n) per-example values and the decoded tails."""
         values = torch.full_like(self.values, math.nan)
-        values[:, :per_example.shape[1]] = per_example.to(values.device, values.dtype)
+        values[:, :, :per_example.shape[-1]] = per_example.to(values.device, values.dtype)
         self.values = values
         blob = json.dumps(list(tails), ensure_ascii=False).encode("utf-8")
         self.tail_bytes = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.values.device) if blob else \
@@ -171,22 +182,27 @@ class ExampleQuality(PerExampleGradSpectrum):
     def _summary(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for s, stat in enumerate(self.stats):
-            v = self.values[s]
-            v = v[torch.isfinite(v)]
-            if v.numel():
-                q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=v.dtype, device=v.device))
-                vals = (v.mean(), q[0], q[1], q[2], v.min(), v.max())
-            else:
-                vals = tuple(torch.tensor(math.nan, dtype=self.values.dtype, device=self.values.device) for _ in QUANTITIES)
-            for name, x in zip(QUANTITIES, vals):
-                out[f"{self.prefix}/{stat}/{name}"] = x
+            for g, group in enumerate(self.groups):
+                v = self.values[s, g]
+                v = v[torch.isfinite(v)]
+                if v.numel():
+                    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=v.dtype, device=v.device))
+                    vals = (v.mean(), q[0], q[1], q[2], v.min(), v.max())
+                else:
+                    vals = tuple(torch.tensor(math.nan, dtype=self.values.dtype, device=self.values.device)
+                                 for _ in QUANTITIES)
+                for name, x in zip(QUANTITIES, vals):
+                    if group == "all":
+                        out[f"{self.prefix}/{stat}/{name}"] = x
+                    elif name in ROLE_QUANTITIES:
+                        out[f"{self.prefix}/{stat}/{group}/{name}"] = x
         return out
 
     def compute(self) -> Results:  # type: ignore[override]
         """The distribution's summary (scalars), the per-example values (histograms), the tails (text)."""
         vectors = {}
         for s, stat in enumerate(self.stats):
-            v = self.values[s]
+            v = self.values[s, 0]
             v = v[torch.isfinite(v)]
             if v.numel():
                 vectors[f"{self.prefix}/{stat}"] = v
@@ -201,10 +217,22 @@ class ExampleQuality(PerExampleGradSpectrum):
             texts[f"{self.prefix}/tails"] = "\n".join(lines)
         return Results(scalars=self._summary(), vectors=vectors, texts=texts)
 
+    def _tags(self) -> list[str]:
+        return [f"{self.prefix}/{stat}/{q}" if group == "all" else f"{self.prefix}/{stat}/{group}/{q}"
+                for stat in self.stats for group in self.groups
+                for q in (QUANTITIES if group == "all" else ROLE_QUANTITIES)]
+
     def failed_result(self) -> Results:
         nan = torch.tensor(math.nan, dtype=torch.float64)
-        return Results(scalars={f"{self.prefix}/{stat}/{q}": nan for stat in self.stats for q in QUANTITIES})
+        return Results(scalars={tag: nan for tag in self._tags()})
 
     def charts(self) -> list[Chart]:
-        return [ChartGroup(self.prefix, f"{stat} over the probe examples (p10, median, p90)",
-                           tuple(f"{self.prefix}/{stat}/{q}" for q in ("p10", "median", "p90"))) for stat in self.stats]
+        charts: list[Chart] = []
+        for stat in self.stats:
+            charts.append(ChartGroup(self.prefix, f"{stat} over the probe examples (p10, median, p90)",
+                                     tuple(f"{self.prefix}/{stat}/{q}" for q in ROLE_QUANTITIES)))
+            roles = [g for g in self.groups if g != "all"]
+            if roles:
+                charts.append(ChartGroup(self.prefix, f"{stat} median over the probe examples, by role",
+                                         tuple(f"{self.prefix}/{stat}/{g}/median" for g in roles)))
+        return charts

@@ -10,32 +10,21 @@ is the mean over the group's matrices of that matrix's statistic. Groups:
 - ``q``, ``k``, ``v``, ``o``, ``mlp``: one role over all blocks (``mlp`` holds the up/gate and down projections);
 - ``<role>/early``, ``<role>/middle``, ``<role>/late`` and ``all/early`` ...: the blocks split into thirds by depth
   (``numpy.array_split`` of the block indices 0..L-1 into three; a third with no block is left out).
+
+The role and group rules are :mod:`gradwatch.functional.layer_roles`, shared with the live ``example_quality`` family.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from torch import nn
 
 from gradwatch.engine.layers import WatchedMatrix, discover_matrices, layer_index
+from gradwatch.functional.layer_roles import DEPTHS, ROLES, matrix_role, role_groups
 
-ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp")
-DEPTHS: tuple[str, ...] = ("early", "middle", "late")
-
-# (role, pattern over the matrix tag); the first that matches wins. Tags are names from named_parameters(),
-# with GPT-2's fused c_attn split into .q/.k/.v by gradwatch.engine.layers.
-_ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((role, re.compile(p)) for role, p in (
-    ("q", r"\.weight\.q$|(^|\.)(query|q_proj|q_lin|wq|q)\.weight$"),
-    ("k", r"\.weight\.k$|(^|\.)(key|k_proj|k_lin|wk|k)\.weight$"),
-    ("v", r"\.weight\.v$|(^|\.)(value|v_proj|v_lin|wv|v)\.weight$"),
-    ("o", r"(attn|attention|self_attn)\.(c_proj|o_proj|out_proj|out_lin|dense|wo)\.weight$"
-          r"|attention\.output\.dense\.weight$"),
-    ("mlp", r"(mlp|feed_forward|ffn)\.[\w.]+\.weight$|(intermediate|output)\.dense\.weight$"),
-))
+__all__ = ["DEPTHS", "ROLES", "ScoredMatrix", "layer_groups", "matrix_role", "scored_matrices"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +42,6 @@ class ScoredMatrix:
     @property
     def param_name(self) -> str:
         return self.watched.param_name
-
-
-def matrix_role(tag: str) -> str | None:
-    """``q``, ``k``, ``v``, ``o``, ``mlp`` or ``None`` (not a transformer block's projection)."""
-    for role, pattern in _ROLE_PATTERNS:
-        if pattern.search(tag):
-            return role
-    return None
 
 
 def scored_matrices(model: nn.Module) -> list[ScoredMatrix]:
@@ -85,16 +66,4 @@ def scored_matrices(model: nn.Module) -> list[ScoredMatrix]:
 
 def layer_groups(matrices: Sequence[ScoredMatrix]) -> dict[str, list[int]]:
     """Group name -> indices into ``matrices`` (see the module docstring), in a fixed order."""
-    blocks = sorted({m.block for m in matrices})
-    thirds = {b: DEPTHS[k] for k, part in enumerate(np.array_split(np.array(blocks), 3)) for b in part.tolist()}
-    groups: dict[str, list[int]] = {"all": list(range(len(matrices)))}
-    for role in ROLES:
-        rows = [i for i, m in enumerate(matrices) if m.role == role]
-        if rows:
-            groups[role] = rows
-    for role in ("all", *ROLES):
-        for depth in DEPTHS:
-            rows = [i for i, m in enumerate(matrices) if (role == "all" or m.role == role) and thirds[m.block] == depth]
-            if rows:
-                groups[f"{role}/{depth}"] = rows
-    return groups
+    return role_groups([m.role for m in matrices], [m.block for m in matrices])

@@ -48,6 +48,8 @@ def test_tails_decoded_by_the_trainers_tokenizer(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs"
     series = read_series(run_dir, ("example_quality/",))
     assert set(series["example_quality/effective_rank/median"]) == {1, 2}
+    for role in ("q", "k", "v", "o", "mlp"):  # GPT-2's fused c_attn split, c_proj, mlp.c_fc/c_proj
+        assert set(series[f"example_quality/nuclear_norm/{role}/median"]) == {1, 2}
     texts = read_texts(run_dir, "example_quality/tails")
     assert [step for step, _ in texts] == [1, 2]
     text = texts[-1][1]

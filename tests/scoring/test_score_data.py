@@ -283,7 +283,9 @@ def test_roles_of_gpt2_bert_and_llama_matrices() -> None:
                                      "encoder.layer.1.attention.self.key.weight", "encoder.layer.1.attention.output.dense.weight",
                                      "encoder.layer.1.intermediate.dense.weight", "encoder.layer.1.output.dense.weight",
                                      "model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.gate_proj.weight",
-                                     "pooler.dense.weight")] == ["q", "v", "o", "mlp", "k", "o", "mlp", "mlp", "o", "mlp", None]
+                                     "pooler.dense.weight", "layers.1.self_attn.in_proj_weight.k",
+                                     "layers.1.self_attn.out_proj.weight")] == [
+        "q", "v", "o", "mlp", "k", "o", "mlp", "mlp", "o", "mlp", None, "k", "o"]
     groups = layer_groups(scored_matrices(tiny.gpt2()))
     assert groups["q"] == [0, 6, 12] and groups["mlp/late"] == [16, 17] and groups["all/early"] == [0, 1, 2, 3, 4, 5]
 
