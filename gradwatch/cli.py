@@ -6,6 +6,8 @@
     torchrun --nproc_per_node 2 -m gradwatch run train.py ARGS...
     gradwatch report RUN_DIR [-o OUT]
     gradwatch compare RUN_A RUN_B [-o OUT]
+    gradwatch score-data MODEL DATASET [-o OUT]                # per-example gradient spectra of a dataset
+    gradwatch compare SCORES_A SCORES_B                        # RD per layer group of two scorings
 
 ``run`` sets every knob given as ``GRADWATCH_<NAME>`` in the environment (read by gradwatch in this process
 and every process it starts) after checking it, makes ``report_to="gradwatch"`` known to transformers, and
@@ -91,12 +93,18 @@ def build_parser(knob_list: Sequence[Any] | None = None) -> argparse.ArgumentPar
                     "family: a_l and b_l are layer l's statistic averaged over all logged steps of run A and "
                     "run B, and RD = mean over layers l of |a_l - b_l| / |a_l| (over layers logged in both "
                     "runs with finite averages and a_l != 0). Prints a table and writes an HTML page of both "
-                    "runs' per-layer curves.")
-    compare.add_argument("run_a", metavar="RUN_A", help="the reference run (RD is relative to it)")
+                    "runs' per-layer curves. Given two `gradwatch score-data` output directories instead (two "
+                    "datasets scored on one model), prints the same RD per layer group (q, k, v, o, mlp, depth "
+                    "thirds) with both datasets' means.")
+    compare.add_argument("run_a", metavar="RUN_A", help="the reference run (RD is relative to it); or a "
+                                                        "`score-data` output directory, compared by layer group")
     compare.add_argument("run_b", metavar="RUN_B")
     compare.add_argument("-o", "--out", metavar="OUT", default=None,
                          help="output directory (default: ./gradwatch-compare)")
     compare.set_defaults(handler=_cmd_compare)
+    from gradwatch.scoring.cli import add_score_data_parser
+
+    add_score_data_parser(commands)
     return parser
 
 
@@ -250,6 +258,11 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
+    from gradwatch.scoring.cli import compare_scorings_command
+    from gradwatch.scoring.compare import is_scoring
+
+    if is_scoring(ns.run_a) or is_scoring(ns.run_b):  # two `score-data` outputs: RD per layer group
+        return compare_scorings_command(ns)
     from gradwatch.integrations import report
 
     if (code := _needs_matplotlib("compare")) is not None:

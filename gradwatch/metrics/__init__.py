@@ -13,6 +13,9 @@ BUILTIN_STEMS = ("grad_spectrum", "sharpness", "signals", "stability", "moe")
 #: The built-in families, in registration order.
 BUILTIN_FAMILIES = tuple(register(importlib.import_module(f"gradwatch.metrics.{stem}").FAMILY) for stem in BUILTIN_STEMS)
 
+# live data quality (issue 18; off by default), registered after the families above
+BUILTIN_FAMILIES += (register(importlib.import_module("gradwatch.metrics.example_quality").FAMILY),)
+
 from gradwatch.metrics.grad_spectrum import GradSpectrum, PerExampleGradSpectrum, SpectraConfig  # noqa: E402
 from gradwatch.metrics.sharpness import Sharpness, SharpnessConfig  # noqa: E402
 
