@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch.config import Cadence, as_cadence, check_choice, check_int, fail
+from gradwatch.cadence import Cadence, as_cadence
+from gradwatch.checks import check_choice, check_int, fail
 from gradwatch.functional.layer_roles import ROLES, block_index, matrix_role, role_groups
 from gradwatch.functional.spectra import STATISTICS, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Results, StepContext
