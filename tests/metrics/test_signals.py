@@ -495,3 +495,32 @@ def test_large_dataset_indices_survive_a_float32_state() -> None:
     rows = m.compute().records["signals"]
     assert rows[-1]["outliers"][0] == indices[0]
     assert all(i in indices for r in rows for i in r["outliers"])
+
+
+def test_the_representation_is_the_last_layers_input_also_with_tied_embeddings() -> None:
+    """GPT-2 ties lm_head to the input embeddings (which come first by name): the representation is still
+    the input of lm_head, the final hidden states averaged over the tokens the attention mask keeps; a plain
+    MLP's is the input of its last Linear."""
+    transformers = pytest.importorskip("transformers")
+    from gradwatch.metrics.signals.representation import HeadInputs, class_key, last_layer
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=8, n_embd=16,
+                                                                 n_layer=1, n_head=2)).eval()
+    assert last_layer(model) is model.lm_head
+    batch = {"input_ids": torch.randint(0, 50, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+    batch["attention_mask"][1, 5:] = 0
+    heads = HeadInputs(last_layer(model))
+    with torch.no_grad(), heads.capturing():
+        out = model(**batch, output_hidden_states=True)
+        got = heads.take(batch, 3)
+    mask = batch["attention_mask"].float()[..., None]
+    want = (out.hidden_states[-1] * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    net = mlp()
+    with torch.no_grad(), HeadInputs(last_layer(net)).capturing() as h:
+        x = torch.randn(5, 8)
+        net(x)
+        torch.testing.assert_close(h.take(x, 5), net[1](net[0](x)))
+    assert [class_key(e) for e in ({"labels": 3}, (x[0], torch.tensor(1)), {"labels": torch.arange(4)}, x[0])] == \
+        [3, 1, None, None]

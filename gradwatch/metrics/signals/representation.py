@@ -37,7 +37,17 @@ def last_layer_name(model: nn.Module) -> str | None:
 
 
 def last_layer(model: nn.Module) -> nn.Module | None:
-    """The module that owns :func:`last_layer_name`'s weight (None: no such weight)."""
+    """The last layer as a module: the output embeddings of a model that declares them (their weight may be
+    tied to the input embeddings, which come first by name), else the owner of :func:`last_layer_name`'s
+    weight (None: no such weight)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except Exception:  # noqa: BLE001 - a model may not implement it
+            head = None
+        if isinstance(head, nn.Module):
+            return head
     name = last_layer_name(model)
     if name is None:
         return None
