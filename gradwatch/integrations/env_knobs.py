@@ -7,14 +7,16 @@ touching the training script:
 - launcher option: ``gradwatch run --spectra-every 10 train.py ...``, which sets the same variable for the
   script and every process it starts (``torchrun`` workers, DataLoader workers).
 
-Precedence, highest first: a value the script sets itself (an explicit ``TrainingArguments`` field or
-the script's own ``--gradwatch_*`` flag, a ``GradWatch(...)`` argument) > the launcher option > the
-environment variable > the knob's default.
+They apply to every way of starting gradwatch: ``callbacks=[GradWatch()]`` in Lightning or the HF Trainer,
+LightningCLI, and ``report_to="gradwatch"``. The precedence between them and the other surfaces is that of
+:mod:`gradwatch.resolve` (:data:`gradwatch.resolve.PRECEDENCE`): code > HF fields > launcher option >
+environment variable > default.
 
 Text is read by the knob's type: ``int`` (``10``), ``float`` (``0.05``), ``bool`` (``true/false``,
-``1/0``, ``yes/no``, ``on/off``) and ``str`` (as given; lists are comma-separated, as for ``include``).
-A value that cannot be read, or that :func:`gradwatch.knobs.config_from_knobs` rejects, raises
-:class:`KnobValueError` naming the variable or option, the value and what is valid.
+``1/0``, ``yes/no``, ``on/off``) and ``str`` (as given; lists are comma-separated, as for ``include``); an
+optional knob reads ``none`` as None. An empty variable counts as unset. A value that cannot be read, or
+that the option rejects, raises :class:`KnobValueError` naming the variable or option, the value and what is
+valid. A ``GRADWATCH_*`` variable that names no knob is reported in one warning, with the closest knob's name.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ def expected_text(knob: Any) -> str:
         return "an integer"
     if kind is float:
         return "a number"
+    if getattr(knob, "sequence", False):
+        return "comma-separated text"
     return "text"
+
+
+NONE_WORD = "none"
 
 
 def parse_knob_text(knob: Any, text: str, source: str) -> Any:
@@ -70,6 +77,8 @@ def parse_knob_text(knob: Any, text: str, source: str) -> Any:
     kind = getattr(knob, "type", str)
     stripped = text.strip()
     value: Any
+    if getattr(knob, "optional", False) and stripped.lower() == NONE_WORD:
+        return None
     try:
         if kind is bool:
             word = stripped.lower()
@@ -135,15 +144,53 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None,
     return sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known)
 
 
+def closest_env_var(var: str, knob_list: Sequence[Any] | None = None) -> str | None:
+    """The knob variable closest to ``var`` (``GRADWATCH_SPECTRA_EVRY`` -> ``GRADWATCH_SPECTRA_EVERY``)."""
+    import difflib
+
+    knob_list = all_knobs() if knob_list is None else knob_list
+    found = difflib.get_close_matches(var, [env_var(k.name) for k in knob_list], n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_env_message(unknown: Sequence[str], knob_list: Sequence[Any] | None = None) -> str:
+    """One message naming every unknown ``GRADWATCH_*`` variable, each with the closest knob variable."""
+    knob_list = all_knobs() if knob_list is None else knob_list
+    parts = []
+    for var in unknown:
+        near = closest_env_var(var, knob_list)
+        parts.append(f"{var} (did you mean {near}?)" if near else var)
+    if len(parts) == 1:
+        var, _, hint = parts[0].partition(" ")
+        return f"gradwatch: {var} is not a gradwatch knob and is ignored{' ' + hint if hint else ''}; " \
+               "`gradwatch run --help` lists the knobs"
+    return (f"gradwatch: these GRADWATCH_* variables name no knob and are ignored: {', '.join(parts)}; "
+            "`gradwatch run --help` lists the knobs")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_unknown_env_vars(environ: Mapping[str, str] | None = None,
+                          knob_list: Sequence[Any] | None = None) -> list[str]:
+    """Warn once per process, in one warning, about the ``GRADWATCH_*`` variables that name no knob (those not
+    warned about before). Returns them."""
+    import warnings
+
+    unknown = [v for v in unknown_env_vars(environ, knob_list) if v not in _WARNED]
+    if unknown:
+        _WARNED.update(unknown)
+        warnings.warn(unknown_env_message(unknown, knob_list), UserWarning, stacklevel=3)
+    return unknown
+
+
 def _inner(error: Exception) -> str:
     return str(error).removeprefix("gradwatch: ")
 
 
 def check_knob_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Any:
-    """Validate ``values`` with :func:`gradwatch.knobs.config_from_knobs`, one by one and then together.
-
-    Each knob is checked alone (a family's option with its family switched on, so that an option of a family
-    that is off by default is checked too), so that the message names the one variable or option at fault.
+    """Validate ``values``: each alone (a family's option with its family switched on, so that an option of a
+    family that is off is checked too), then together.
 
     Args:
         values: ``{knob name: value}`` (typed).
@@ -155,24 +202,9 @@ def check_knob_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> 
     Raises:
         KnobValueError: naming the variable or option, the value and what is valid.
     """
-    from gradwatch.knobs import config_from_knobs
+    from gradwatch.resolve import Layer, resolve_layers
 
-    by_name = {k.name: k for k in all_knobs()}
-    for name, value in values.items():
-        alone = {name: value}
-        family = getattr(by_name.get(name), "family", None)
-        if family and name != f"{family}_every" and f"{family}_every" in by_name:
-            alone[f"{family}_every"] = values.get(f"{family}_every") or 1
-        try:
-            config_from_knobs(alone)
-        except ValueError as error:
-            raise KnobValueError(f"gradwatch: {sources.get(name, name)}={value!r} is not valid: "
-                                 f"{_inner(error)}") from None
-    try:
-        return config_from_knobs(dict(values))
-    except ValueError as error:
-        given = ", ".join(f"{sources.get(n, n)}={v!r}" for n, v in values.items())
-        raise KnobValueError(f"gradwatch: these knob values do not go together ({given}): {_inner(error)}") from None
+    return resolve_layers([Layer.from_knobs("knobs", values, sources)])
 
 
 def resolve_knob_values(explicit: Mapping[str, Any] | None = None,
