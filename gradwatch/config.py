@@ -180,7 +180,7 @@ class WatchConfig:
 
 def _signature_type(annotation: Any) -> Any:
     """``annotation`` or NOT_GIVEN: what a signature's parameter accepts (LightningCLI validates its default)."""
-    return Union[annotation, NotGivenType]
+    return Union[NotGivenType, annotation]
 
 
 def watch_signature(*leading: inspect.Parameter) -> inspect.Signature:
@@ -240,13 +240,18 @@ def _register_not_given_with_jsonargparse() -> None:
     except ImportError:  # no LightningCLI: nothing reads the signature's types
         return
 
+    def serialize(value: Any) -> str:
+        if value is not NOT_GIVEN:
+            raise ValueError("not NOT_GIVEN")
+        return NotGivenType.TEXT
+
     def deserialize(value: Any) -> NotGivenType:
         if value is NOT_GIVEN or value == NotGivenType.TEXT:
             return NOT_GIVEN
         raise ValueError(f"not {NotGivenType.TEXT!r}")
 
     try:
-        register_type(NotGivenType, serializer=lambda value: NotGivenType.TEXT, deserializer=deserialize)
+        register_type(NotGivenType, serializer=serialize, deserializer=deserialize)
     except ValueError:  # registered already
         pass
 
