@@ -69,7 +69,7 @@ class Layer:
 
 
 def _knob_error(source: str, value: Any, error: Exception) -> ValueError:
-    from gradwatch.integrations.env_knobs import KnobValueError
+    from gradwatch.environment import KnobValueError
 
     return KnobValueError(f"gradwatch: {source}={value!r} is not valid: {str(error).removeprefix('gradwatch: ')}")
 
@@ -92,7 +92,7 @@ def resolve_layers(layers: Sequence[Layer]) -> Any:
             :class:`~gradwatch.integrations.env_knobs.KnobValueError` naming the field, flag or variable.
     """
     from gradwatch.config import WatchConfig, family_value
-    from gradwatch.knobs import knob_value, knobs
+    from gradwatch.options import knob_value, knobs
     from gradwatch.registry import families
 
     table = {k.name: k for k in knobs()}
@@ -182,7 +182,7 @@ def resolve_layers(layers: Sequence[Layer]) -> Any:
             if not text:
                 raise
             given = ", ".join(f"{source(lay, n)}={v!r}" for _, v, lay, n in text)
-            from gradwatch.integrations.env_knobs import KnobValueError
+            from gradwatch.environment import KnobValueError
 
             raise KnobValueError(f"gradwatch: these values of `{key}` do not go together ({given}): "
                                  f"{str(error).removeprefix('gradwatch: ')}") from None
@@ -214,7 +214,7 @@ def config_layer(config: Any) -> Layer:
 
 def training_arguments_layer(args: Any) -> Layer:
     """The ``gradwatch_*`` fields of a ``TrainingArguments`` (or ``GradWatchArguments``) that are not None."""
-    from gradwatch.knobs import knobs
+    from gradwatch.options import knobs
 
     values, sources = {}, {}
     if args is not None:
@@ -228,7 +228,7 @@ def training_arguments_layer(args: Any) -> Layer:
 def environment_layer(environ: Mapping[str, str] | None = None, *, warn_unknown: bool = True) -> Layer:
     """The ``GRADWATCH_*`` variables (the launcher's options among them), read by type; the unknown ones are
     named in one warning (once per process), with the closest knob's name."""
-    from gradwatch.integrations.env_knobs import knob_values_from_env, warn_unknown_env_vars
+    from gradwatch.environment import knob_values_from_env, warn_unknown_env_vars
 
     environ = os.environ if environ is None else environ
     values, sources = knob_values_from_env(environ)
