@@ -105,8 +105,12 @@ def parse_knob_text(knob: Any, text: str, source: str) -> Any:
 
 def knob_text(knob: Any, value: Any) -> str:
     """The text of ``value`` as an environment variable holds it (read back by :func:`parse_knob_text`)."""
+    if value is None:
+        return NONE_WORD
     if getattr(knob, "type", str) is bool:
         return "true" if value else "false"
+    if getattr(knob, "sequence", False) and isinstance(value, (list, tuple)):
+        return ",".join(value)
     return str(value)
 
 

@@ -239,7 +239,8 @@ def _default_every(fam: Family) -> int:
 
 def general_knobs() -> list[Knob]:
     """The knobs of the general options that have one."""
-    return [Knob(o.name, o.knob, o.default, o.help, o.choices, None, o.name, sequence=o.sequence,
+    return [Knob(o.name, o.knob, o.default, o.help + (" (comma-separated)" if o.sequence else ""), o.choices, None,
+                 o.name, sequence=o.sequence,
                  optional=o.default is None) for o in GENERAL_OPTIONS if o.knob is not None]
 
 
