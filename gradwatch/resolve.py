@@ -80,7 +80,7 @@ def _every_from_knob(name: str, value: Any) -> Any:
         return ("on", value)
     if isinstance(value, bool) or not isinstance(value, int) or value < -1:
         raise ValueError(f"gradwatch: knob `{name}` expected an int >= -1 (0: off, -1: the family's default "
-                     f"cadence), got {value!r}")
+                         f"cadence), got {value!r}")
     return "off" if value == 0 else ("on" if value == -1 else ("on", value))
 
 
