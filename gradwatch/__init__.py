@@ -3,25 +3,36 @@
 Add one callback (``gradwatch.callbacks.lightning.GradWatch`` or ``gradwatch.callbacks.transformers.GradWatch``)
 and open TensorBoard. ``import gradwatch`` imports neither Lightning nor transformers (nor torchmetrics).
 
-The family configs exported here (``SpectraConfig``, ``SharpnessConfig``, ...) are those of the registered
-families (``gradwatch.registry``), loaded on first use.
+The family configs exported here (``SpectraConfig``, ``SharpnessConfig``, ``MoEConfig``, ...) are those of the
+registered families (``gradwatch.registry``) when asked for: ``gradwatch.<ConfigClass>``, ``__all__`` and
+``dir(gradwatch)`` include a family registered after import.
 """
 
 from typing import Any
 
-from gradwatch.cadence import Cadence
-from gradwatch.config import WatchConfig
+from gradwatch.cadence import Cadence as Cadence
+from gradwatch.config import WatchConfig as WatchConfig
 
 __version__ = "0.1.0"
 
-_BUILTIN_CONFIGS = ("SpectraConfig", "SharpnessConfig", "SignalsConfig", "StabilityConfig")
+_FIXED = ("NOT_GIVEN", "SPECTRUM_STATS", "Cadence", "WatchConfig", "__version__")
 
-__all__ = ["SPECTRUM_STATS", "Cadence", "WatchConfig", "__version__", *_BUILTIN_CONFIGS]
+
+def _all() -> list[str]:
+    from gradwatch.registry import families
+
+    return [*_FIXED, *(f.config_class.__name__ for f in families())]
 
 
 def __getattr__(name: str) -> Any:
     from gradwatch.registry import families
 
+    if name == "__all__":  # derived from the registry when asked (``from gradwatch import *`` asks)
+        return _all()
+    if name == "NOT_GIVEN":
+        from gradwatch.options import NOT_GIVEN
+
+        return NOT_GIVEN
     for fam in families():
         if fam.config_class.__name__ == name:
             return fam.config_class
@@ -33,7 +44,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *_all()})
 
 
 from gradwatch._report_to import install_report_to_hook as _install_report_to_hook  # noqa: E402

@@ -30,9 +30,10 @@ from typing import Any
 
 PROG = "gradwatch"
 
-PRECEDENCE = ("Precedence, highest first: what the script sets itself (an explicit TrainingArguments field "
-              "or --gradwatch_* flag of the script, a GradWatch(...) argument) > these options > "
-              "GRADWATCH_<NAME> environment variables > defaults.")
+PRECEDENCE = ("Precedence, highest first (gradwatch.resolve): the script's own GradWatch(...) keywords or "
+              "WatchConfig > its gradwatch_* TrainingArguments fields or --gradwatch_* flags > these options > "
+              "GRADWATCH_<NAME> environment variables > defaults. They reach callbacks=[GradWatch()] in Lightning "
+              "and the HF Trainer, LightningCLI and report_to=\"gradwatch\" alike.")
 
 
 def _metavar(knob: Any) -> str:
@@ -161,6 +162,7 @@ def _set_path_head(directory: str) -> None:
 
 def _cmd_run(ns: argparse.Namespace) -> int:
     from gradwatch.integrations.env_knobs import (
+        _WARNED,
         KnobValueError,
         check_knob_values,
         env_var,
@@ -168,6 +170,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         knob_values_from_env,
         option_flag,
         parse_knob_text,
+        unknown_env_message,
         unknown_env_vars,
     )
 
@@ -188,9 +191,11 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     except KnobValueError as error:
         return _error(f"{PROG} run: {str(error).removeprefix('gradwatch: ')}")
     if knob_list:
-        for var in unknown_env_vars(os.environ, knob_list):
-            print(f"{PROG} run: warning: {var} is not a gradwatch knob and is ignored; the knobs are "
-                  f"{', '.join(env_var(k.name) for k in knob_list)}", file=sys.stderr)
+        unknown = unknown_env_vars(os.environ, knob_list)
+        if unknown:  # one warning, each with the closest knob; the script's gradwatch does not repeat it
+            print(f"{PROG} run: warning: {unknown_env_message(unknown, knob_list).removeprefix('gradwatch: ')}",
+                  file=sys.stderr)
+            _WARNED.update(unknown)
     os.environ.update(given)  # launcher options beat the environment, here and in every child process
     ensure_report_to()
 

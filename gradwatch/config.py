@@ -15,32 +15,45 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 from gradwatch.cadence import Cadence, as_cadence
 from gradwatch.checks import check_bool, check_callable, check_choice, check_float, check_int, fail
+from gradwatch.options import GENERAL_OPTIONS, NOT_GIVEN, ON_ERROR_CHOICES, OPTIONS, NotGivenType
 
-ON_ERROR_CHOICES: tuple[str, ...] = ("warn", "raise")
+#: The options every family shares, with their defaults (declared in :mod:`gradwatch.options`).
+_GENERAL: dict[str, Any] = {o.name: o.default for o in GENERAL_OPTIONS}
 
 
-#: The options every family shares, with their defaults (families come from ``gradwatch.registry``).
-_GENERAL: dict[str, Any] = {
-    "include": ("*",), "exclude": (), "embeddings": False, "output_head": False, "log_dir": None,
-    "max_overhead": 0.05, "on_error": "warn", "probe_seed": 0, "loss_fn": None, "on_alert": None,
-    "alert_cooldown": 200,
-}
+def family_value(key: str, value: Any, config_class: type) -> Any:
+    """A family keyword's value as its config, or None for off: ``True`` (its defaults), ``False``/``None``
+    (off), an int (its ``every``: ``spectra=10`` is ``SpectraConfig(every=10)``; 0: off), a
+    :class:`~gradwatch.cadence.Cadence` (its ``every``) or its config object."""
+    if value is True:
+        return config_class()
+    if value is False or value is None:
+        return None
+    if isinstance(value, config_class):
+        return value
+    if isinstance(value, Cadence) or (isinstance(value, int) and value >= 0):
+        return config_class(every=value) if value != 0 else None
+    raise fail(key, value, f"True, False, an int >= 0 (its `every`; 0: off), a gradwatch.Cadence or a "
+                           f"gradwatch.{config_class.__name__}")
 
 
 class WatchConfig:
     """Everything gradwatch does, in one validated object.
 
     Family keywords (one per registered family, see ``gradwatch.registry``): ``spectra`` (on by default),
-    ``sharpness``, ``signals``, ``stability`` (off by default): each ``True`` (its defaults), ``False``
-    (off) or its config object (``SpectraConfig(every=10)``).
+    ``sharpness``, ``signals``, ``stability``, ``moe`` (off by default): each ``True`` (its defaults),
+    ``False`` (off), an int or a ``Cadence`` (its ``every``: ``spectra=10``) or its config object
+    (``SpectraConfig(every=10)``).
+
+    The general options (declared once in :mod:`gradwatch.options`):
 
     Attributes:
-        include: glob patterns over parameter names (``named_parameters()``) to watch.
+        include: glob patterns over parameter names (``named_parameters()``) to watch (at least one).
         exclude: glob patterns to leave out (applied after ``include``).
         embeddings: also watch embedding tables (large; off by default).
         output_head: also watch the output head (``lm_head`` and weights tied to an embedding).
@@ -55,6 +68,10 @@ class WatchConfig:
         on_alert: ``on_alert(alert)`` called on rank zero for every alert (may save a checkpoint or stop
             training); if it raises, that is reported once and training goes on unless strict.
         alert_cooldown: steps before the same alert rule may fire again.
+
+    The object remembers which options were given (:attr:`given`): handed to a callback, those beat the
+    ``gradwatch_*`` TrainingArguments fields and the ``GRADWATCH_*`` environment, and the others are left to
+    them (:mod:`gradwatch.resolve`). A value given equal to its default is given all the same.
     """
 
     include: tuple[str, ...]
@@ -72,34 +89,20 @@ class WatchConfig:
     def __init__(self, **options: Any) -> None:
         from gradwatch.registry import families
 
+        options = {k: v for k, v in options.items() if not isinstance(v, NotGivenType)}
         fams = {f.key: f for f in families()}
         unknown = [k for k in options if k not in _GENERAL and k not in fams]
         if unknown:
             raise ValueError(f"gradwatch: unknown option {unknown[0]!r}; valid options are "
                              f"{[*fams, *_GENERAL]}")
-        values = {**_GENERAL, **{k: v for k, v in options.items() if k in _GENERAL}}
         chosen: dict[str, Any] = {}
         for key, fam in fams.items():
-            value = options.get(key, fam.default_on)
-            if value is True:
-                value = fam.config_class()
-            elif value is False or value is None:
-                value = None
-            elif not isinstance(value, fam.config_class):
-                raise fail(key, value, f"True, False or a gradwatch.{fam.config_class.__name__}")
-            chosen[key] = value
+            chosen[key] = family_value(key, options.get(key, fam.default_on), fam.config_class)
         object.__setattr__(self, "_families", chosen)
-        for name in ("include", "exclude"):
-            value = values[name]
-            if isinstance(value, str):
-                value = (value,)
-            if not isinstance(value, Iterable) or not all(isinstance(p, str) and p for p in value):
-                raise fail(name, values[name], "a list of non-empty glob patterns (str)")
-            values[name] = tuple(value)
-        if not values["include"]:
-            raise fail("include", values["include"], "at least one glob pattern, e.g. ['*']")
-        for name in ("embeddings", "output_head"):
-            check_bool(name, values[name])
+        object.__setattr__(self, "_given", frozenset(options))
+        values = {**_GENERAL, **{k: v for k, v in options.items() if k in _GENERAL}}
+        for name, option in OPTIONS.items():
+            values[name] = option.check(name, values[name])
         for legacy in ("embeddings", "output_head"):  # once options of a family's config; now shared by every family
             for fam_config in chosen.values():
                 if fam_config is not None and getattr(fam_config, legacy, None):
@@ -107,17 +110,6 @@ class WatchConfig:
                                   f"selection is shared by every family: use WatchConfig({legacy}=True)",
                                   DeprecationWarning, stacklevel=2)
                     values[legacy] = True
-        if values["log_dir"] is not None and not isinstance(values["log_dir"], str):
-            raise fail("log_dir", values["log_dir"], "a directory path (str) or None")
-        if values["max_overhead"] is not None:
-            check_float("max_overhead", values["max_overhead"], low=0.0, high=1.0, open_low=False)
-            if values["max_overhead"] == 0:
-                values["max_overhead"] = None
-        check_choice("on_error", values["on_error"], ON_ERROR_CHOICES)
-        check_int("probe_seed", values["probe_seed"], minimum=0)
-        check_callable("loss_fn", values["loss_fn"], "a callable loss_fn(model, batch) -> Tensor[B]")
-        check_callable("on_alert", values["on_alert"], "a callable on_alert(alert) or None")
-        check_int("alert_cooldown", values["alert_cooldown"], minimum=0)
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -135,15 +127,28 @@ class WatchConfig:
         """Family key -> its config, for the families switched on."""
         return {k: v for k, v in self._families.items() if v is not None}
 
+    @property
+    def given(self) -> frozenset[str]:
+        """The options given when this config was built (or replaced), whatever their value."""
+        return self._given
+
     def options(self) -> dict[str, Any]:
         """Every option (families included) as keywords that rebuild this config."""
         out = {k: getattr(self, k) for k in _GENERAL}
         out.update({k: (False if v is None else v) for k, v in self._families.items()})
         return out
 
+    def given_options(self) -> dict[str, Any]:
+        """The options given, as keywords (a family as its config, or False)."""
+        return {k: v for k, v in self.options().items() if k in self._given}
+
     def replace(self, **changes: Any) -> WatchConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return WatchConfig(**{**self.options(), **changes})
+        """A copy with ``changes`` applied (validated again); the changed options count as given, even when
+        equal to their default (``config.replace(max_overhead=0.05)`` sets the option back to its default)."""
+        changes = {k: v for k, v in changes.items() if not isinstance(v, NotGivenType)}
+        new = WatchConfig(**{**self.options(), **changes})
+        object.__setattr__(new, "_given", self._given | frozenset(changes))
+        return new
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WatchConfig):
@@ -160,60 +165,95 @@ class WatchConfig:
 
     @classmethod
     def from_kwargs(cls, config: WatchConfig | None = None, **kwargs: Any) -> WatchConfig:
-        """``GradWatch(config)`` or ``GradWatch(spectra=..., ...)``: one path for both. With a ``config``, the
-        keywords override it, except those equal to their default: LightningCLI passes every listed keyword,
-        so a default there cannot tell "given" from "left out" (to set an option back to its default, build
-        the config with it: ``config.replace(max_overhead=0.05)``)."""
+        """``GradWatch(config)`` or ``GradWatch(spectra=..., ...)``: one path for both. Keywords holding
+        :data:`~gradwatch.options.NOT_GIVEN` (what LightningCLI passes for an option left out) are left out;
+        every other keyword overrides ``config``, a default value included (``from_kwargs(config,
+        max_overhead=0.05)`` sets it back to its default). No environment here: the callbacks add the
+        ``GRADWATCH_*`` variables and HF fields below these (:func:`gradwatch.resolve.resolve_config`)."""
         if config is not None and not isinstance(config, WatchConfig):
             raise fail("config", config, "a gradwatch.WatchConfig or None")
         if config is None:
             return cls(**kwargs)
-        defaults = cls().options()  # LightningCLI passes every listed keyword: those left at a default
-        changes = {k: v for k, v in kwargs.items() if k not in defaults or not _same(v, defaults[k])}
-        return config.replace(**changes) if changes else config
+        given = {k: v for k, v in kwargs.items() if not isinstance(v, NotGivenType)}
+        return config.replace(**given) if given else config
 
 
-_GENERAL_TYPES: dict[str, Any] = {
-    "include": Sequence[str], "exclude": Sequence[str], "embeddings": bool, "output_head": bool,
-    "log_dir": Optional[str], "max_overhead": Optional[float], "on_error": Literal["warn", "raise"],
-    "probe_seed": int, "loss_fn": Optional[Callable[..., Any]], "on_alert": Optional[Callable[..., Any]],
-    "alert_cooldown": int,
-}
+def _signature_type(annotation: Any) -> Any:
+    """``annotation`` or NOT_GIVEN: what a signature's parameter accepts (LightningCLI validates its default)."""
+    return Union[NotGivenType, annotation]
 
 
 def watch_signature(*leading: inspect.Parameter) -> inspect.Signature:
-    """``(config=None, *, <family>=..., include=..., ...)`` with types and defaults: the keywords a callback
-    accepts, listed for tools that read signatures (LightningCLI's jsonargparse), derived from the registry."""
+    """``(config=None, *, <family>=NOT_GIVEN, include=NOT_GIVEN, ...)`` with types: the keywords a callback
+    accepts, listed for tools that read signatures (LightningCLI's jsonargparse), derived from the registry and
+    :data:`gradwatch.options.GENERAL_OPTIONS` when called. Every default is :data:`NOT_GIVEN`, so an option left
+    out of the YAML is left to the environment and the defaults, and one written there is given, whatever its
+    value."""
     from gradwatch.registry import families
 
     P = inspect.Parameter
     params = [*leading, P("config", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[WatchConfig])]
-    params += [P(f.key, P.KEYWORD_ONLY, default=f.default_on, annotation=Union[bool, f.config_class])
-               for f in families()]
-    params += [P(name, P.KEYWORD_ONLY, default=_GENERAL[name], annotation=_GENERAL_TYPES[name]) for name in _GENERAL]
+    params += [P(f.key, P.KEYWORD_ONLY, default=NOT_GIVEN,
+                 annotation=_signature_type(Union[bool, int, f.config_class])) for f in families()]
+    params += [P(o.name, P.KEYWORD_ONLY, default=NOT_GIVEN, annotation=_signature_type(o.type))
+               for o in GENERAL_OPTIONS]
     return inspect.Signature(params, return_annotation=None)
+
+
+_SIGNED: list[Any] = []  # weak references to the classes list_watch_options signed
+
+
+def _sign(cls: type) -> None:
+    sig = watch_signature(inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    cls.__init__.__signature__ = sig  # type: ignore[attr-defined]
+    cls.__init__.__annotations__ = {p.name: p.annotation for p in sig.parameters.values() if p.name != "self"}
+
+
+def _resign() -> None:
+    for ref in list(_SIGNED):
+        cls = ref()
+        if cls is None:
+            _SIGNED.remove(ref)
+        else:
+            _sign(cls)
 
 
 def list_watch_options(cls: type) -> type:
     """Give ``cls.__init__(self, config=None, **kwargs)`` the signature of :func:`watch_signature`, so that
-    LightningCLI YAML (``class_path`` + ``init_args``) sees every option; keywords left at their defaults
-    do not override a given ``config``."""
-    sig = watch_signature(inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
-    cls.__init__.__signature__ = sig  # type: ignore[attr-defined]
-    cls.__init__.__annotations__ = {p.name: p.annotation for p in sig.parameters.values() if p.name != "self"}
+    LightningCLI YAML (``class_path`` + ``init_args``) sees every option; signed again whenever a family is
+    registered or removed (``gradwatch.registry.register``). Also teaches jsonargparse :data:`NOT_GIVEN`
+    (shown and saved as ``unset``)."""
+    import weakref
+
+    from gradwatch.registry import on_change
+
+    _register_not_given_with_jsonargparse()
+    _sign(cls)
+    _SIGNED.append(weakref.ref(cls))
+    on_change(_resign)
     return cls
 
 
-def _same(a: Any, b: Any) -> bool:
-    if a is True and b is not None and not isinstance(b, bool):  # True means "the family's defaults"
-        return type(b)() == b
-    if a is False and b is False:
-        return True
+def _register_not_given_with_jsonargparse() -> None:
     try:
-        return bool(a == b) and type(a) is type(b)
-    except Exception:
-        return False
+        from jsonargparse.typing import register_type
+    except ImportError:  # no LightningCLI: nothing reads the signature's types
+        return
 
+    def serialize(value: Any) -> str:
+        if value is not NOT_GIVEN:
+            raise ValueError("not NOT_GIVEN")
+        return NotGivenType.TEXT
+
+    def deserialize(value: Any) -> NotGivenType:
+        if value is NOT_GIVEN or value == NotGivenType.TEXT:
+            return NOT_GIVEN
+        raise ValueError(f"not {NotGivenType.TEXT!r}")
+
+    try:
+        register_type(NotGivenType, serializer=serialize, deserializer=deserialize)
+    except ValueError:  # registered already
+        pass
 
 
 def __getattr__(name: str) -> Any:
@@ -233,5 +273,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'gradwatch.config' has no attribute {name!r}")
 
 
-__all__ = ["ON_ERROR_CHOICES", "Cadence", "WatchConfig", "as_cadence", "check_bool", "check_callable", "check_choice",
-           "check_float", "check_int", "fail", "list_watch_options", "watch_signature"]
+__all__ = ["NOT_GIVEN", "ON_ERROR_CHOICES", "Cadence", "WatchConfig", "as_cadence", "check_bool", "check_callable", "check_choice",
+           "check_float", "check_int", "fail", "family_value", "list_watch_options", "watch_signature"]

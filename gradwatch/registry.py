@@ -2,16 +2,18 @@
 
 A family is declared once, beside its metric (``metrics/<stem>.py``), and registered with one line in
 ``gradwatch.metrics`` (built-ins) or by :func:`register` (a user's own family). From the registrations
-are derived: the :class:`gradwatch.WatchConfig` keyword and its validation, the package exports, the
-Hugging Face ``gradwatch_<key>_<field>`` arguments and environment knobs (``gradwatch.knobs``), and the
-engine's probe size (the most any built diagnostic asks for).
+are derived, each when it is used (so a family registered after import gets them all): the
+:class:`gradwatch.WatchConfig` keyword and its validation, the package exports (``gradwatch.<ConfigClass>``,
+``__all__``, ``dir()``), the callbacks' signature (LightningCLI), the Hugging Face ``gradwatch_<key>_<field>``
+arguments, the ``GRADWATCH_*`` environment knobs and launcher options (``gradwatch.knobs``), the report's
+section (``Family.report``), and the engine's probe size (the most any built diagnostic asks for).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,8 +47,13 @@ class Family:
         default_on: whether ``WatchConfig()`` switches it on.
         build: ``build(family_config, inputs) -> [Diagnostic, ...]``.
         summary: one line, for ``--help`` texts.
-        knobs: the config fields exposed as ``gradwatch_<key>_<field>`` arguments and environment
-            variables (scalar fields only); ``every`` is always one (0 there means off).
+        knobs: no longer needed: every field of the config class is a knob (``gradwatch_<key>_<field>``
+            arguments, ``GRADWATCH_<KEY>_<FIELD>`` variables) unless ``no_knobs`` or its type says why not
+            (a callable; a field shadowed by a general option); kept so that older registrations still work.
+        no_knobs: ``{field: reason}`` for fields that cannot be set from text (the reason shows in the docs).
+        report: the family's section of ``gradwatch report``: ``report(run, figures) -> (anchor, title, html)``
+            or None (no data), or the ``"module:function"`` path of one (imported only by the report). Without
+            one, the report shows every ``<stem>/`` scalar as small multiples.
     """
 
     key: str
@@ -56,9 +63,31 @@ class Family:
     build: Callable[[Any, BuildInputs], Sequence[Any]]
     summary: str = ""
     knobs: tuple[str, ...] = ()
+    no_knobs: Mapping[str, str] = field(default_factory=dict, hash=False)
+    report: Callable[[Any, Any], Any] | str | None = None
+
+    def report_hook(self) -> Callable[[Any, Any], Any] | None:
+        """``report`` as a function (a ``"module:function"`` path imported now), or None."""
+        if self.report is None or callable(self.report):
+            return self.report
+        module, _, name = self.report.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 _FAMILIES: dict[str, Family] = {}
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` after every :func:`register` and :func:`unregister` (the callbacks' signature for
+    LightningCLI is rebuilt so)."""
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+
+
+def _changed() -> None:
+    for listener in list(_LISTENERS):
+        listener()
 
 
 def register(family: Family) -> Family:
@@ -69,12 +98,14 @@ def register(family: Family) -> Family:
         raise ValueError(f"gradwatch: family {family.key!r}: its config class {family.config_class.__name__} "
                          "must be a dataclass with an `every` field")
     _FAMILIES[family.key] = family
+    _changed()
     return family
 
 
 def unregister(key: str) -> None:
     """Remove a registered family (tests that register a toy family clean up with this)."""
-    _FAMILIES.pop(key, None)
+    if _FAMILIES.pop(key, None) is not None:
+        _changed()
 
 
 _BUILTINS = "gradwatch.metrics"  # registers the built-in families when imported

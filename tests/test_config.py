@@ -246,14 +246,24 @@ def test_watch_true_false_coercion() -> None:
 
 @pytest.mark.parametrize(("field", "bad", "cls"), [
     ("spectra", "yes", "SpectraConfig"),
-    ("spectra", 1, "SpectraConfig"),
+    ("spectra", -1, "SpectraConfig"),
+    ("spectra", 2.5, "SpectraConfig"),
     ("spectra", SharpnessConfig(), "SpectraConfig"),
     ("sharpness", {"every": 5}, "SharpnessConfig"),
     ("sharpness", SpectraConfig(), "SharpnessConfig"),
 ])
 def test_watch_family_wrong_type(field: str, bad: object, cls: str) -> None:
-    with pytest.raises(ValueError, match=_msg(field, f"True, False or a gradwatch.{cls}", bad)):
+    expected = f"True, False, an int >= 0 (its `every`; 0: off), a gradwatch.Cadence or a gradwatch.{cls}"
+    with pytest.raises(ValueError, match=_msg(field, expected, bad)):
         WatchConfig(**{field: bad})
+
+
+def test_watch_family_int_or_cadence_is_its_every() -> None:
+    """``GradWatch(spectra=10)`` (the callbacks' docstring example): an int for a family is its ``every``."""
+    assert WatchConfig(spectra=10).spectra == SpectraConfig(every=10)
+    assert WatchConfig(sharpness=1).sharpness == SharpnessConfig(every=1)
+    assert WatchConfig(spectra=Cadence.at([1, 7])).spectra == SpectraConfig(every=Cadence.at([1, 7]))
+    assert WatchConfig(spectra=0).spectra is None  # 0: off, as the knobs say
 
 
 @pytest.mark.parametrize("field", ["include", "exclude"])
@@ -302,6 +312,16 @@ def test_from_kwargs() -> None:
     merged = WatchConfig.from_kwargs(base, sharpness=True, max_overhead=0.2)
     assert merged.on_error == "raise" and merged.max_overhead == 0.2 and isinstance(merged.sharpness, SharpnessConfig)
     assert WatchConfig.from_kwargs(spectra=False).spectra is None
+
+
+def test_from_kwargs_sets_an_option_back_to_its_default() -> None:
+    """No "equal to the default means not given": a keyword given is given, whatever its value."""
+    base = WatchConfig(max_overhead=0.2, spectra=SpectraConfig(every=5))
+    back = WatchConfig.from_kwargs(base, max_overhead=0.05, spectra=True)
+    assert back.max_overhead == 0.05 and back.spectra == SpectraConfig()
+    assert {"max_overhead", "spectra"} <= back.given
+    assert WatchConfig.from_kwargs(base, max_overhead=gradwatch.NOT_GIVEN) is base  # LightningCLI's "left out"
+    assert WatchConfig().given == frozenset() and WatchConfig(on_error="warn").given == {"on_error"}
 
 
 def test_from_kwargs_unknown_option() -> None:

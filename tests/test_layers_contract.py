@@ -1,7 +1,8 @@
 """The import contract: imports point down the layers only, and no gradwatch module imports itself back
 through others (DESIGN.md, "Layers").
 
-functional (L0) < checks, cadence, registry, config, knobs (shared declarations) < metrics (L1) < engine (L2)
+functional (L0) < checks, cadence, registry, options, config, knobs, environment, resolve (shared declarations)
+< metrics (L1) < engine (L2)
 < integrations (L3) < callbacks (L4) < the command line. Every import statement in the package is checked, lazy
 ones (inside functions) included; the exceptions are a module-level ``__getattr__`` that keeps an old import
 path working and imports for type checking only (``if TYPE_CHECKING:``).
@@ -26,7 +27,8 @@ import gradwatch
 
 PACKAGE = Path(gradwatch.__file__).parent
 
-RANK = {"functional": 0, "checks": 1, "cadence": 2, "registry": 3, "config": 4, "knobs": 5, "metrics": 6, "engine": 7,
+RANK = {"functional": 0, "checks": 1, "cadence": 2, "registry": 3, "options": 3, "config": 4, "knobs": 5,
+        "environment": 5, "resolve": 5, "metrics": 6, "engine": 7,
         "integrations": 8, "scoring": 8, "callbacks": 9, "cli": 10, "__main__": 10, "_report_to": 10}
 HOSTS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
 

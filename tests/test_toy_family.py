@@ -122,11 +122,48 @@ def test_config_key_and_export(toy_family):
     config = gradwatch.WatchConfig(toy=ToyConfig(every=2, log_every=4))
     assert config.families["toy"] == ToyConfig(every=2, log_every=4)
     assert config.replace(spectra=False).toy == config.toy and "toy=" in repr(config)
-    with pytest.raises(ValueError, match=r"`toy` expected True, False or a gradwatch.ToyConfig, got 3"):
-        gradwatch.WatchConfig(toy=3)
+    with pytest.raises(ValueError, match=r"`toy` expected True, False, an int >= 0 \(its `every`; 0: off\), a "
+                                         r"gradwatch.Cadence or a gradwatch.ToyConfig, got '3'"):
+        gradwatch.WatchConfig(toy="3")
+    assert gradwatch.WatchConfig(toy=3).toy == ToyConfig(every=3)  # an int is the family's `every`
     with pytest.raises(ValueError, match=r"`ToyConfig.log_every` expected an int >= 1, got 0"):
         ToyConfig(log_every=0)
     assert gradwatch.ToyConfig is ToyConfig  # exported from the registration
+    assert "ToyConfig" in gradwatch.__all__ and "ToyConfig" in dir(gradwatch)  # derived when asked
+
+
+def test_registered_after_import_gets_its_signature_knobs_and_report_section(toy_family, tmp_path):
+    """Registered after every gradwatch module was imported: the callbacks' signature (LightningCLI), the
+    knobs (HF fields, variables, launcher options) and the report's section are derived when used."""
+    import inspect
+
+    from gradwatch.integrations.env_knobs import env_var
+    from gradwatch.knobs import knobs
+    from gradwatch.resolve import resolve_config
+
+    names = {k.name for k in knobs()}
+    assert {"toy_every", "toy_log_every", "toy_alert_above"} <= names  # every field, Family.knobs or not
+    assert resolve_config(environ={env_var("toy_every"): "2"}).toy == ToyConfig(every=2)
+    pytest.importorskip("lightning")
+    from gradwatch.callbacks.lightning import GradWatch
+
+    assert "toy" in inspect.signature(GradWatch.__init__).parameters
+    unregister("toy")
+    assert "toy" not in inspect.signature(GradWatch.__init__).parameters
+    register(TOY)
+    assert "toy" in inspect.signature(GradWatch.__init__).parameters
+    pytest.importorskip("matplotlib")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradwatch.integrations import report
+
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        for step in (3, 6):
+            writer.add_scalar("toy/mean_loss", 1.0 / step, step)
+    run = report.load_run(tmp_path / "run")  # toy/ is one of gradwatch's prefixes now
+    assert "toy/" in report.GRADWATCH_PREFIXES and "toy/mean_loss" in run.scalars
+    page = report.write_report(run, tmp_path / "out").read_text()
+    assert 'id="toy"' in page and "The toy family" in page  # the generic section: no hook, no edit
 
 
 def test_hf_flags_and_environment_knobs(toy_family, tmp_path):
@@ -134,9 +171,13 @@ def test_hf_flags_and_environment_knobs(toy_family, tmp_path):
     from gradwatch.integrations.huggingface import arguments_dataclass, config_from_training_args
 
     arguments = arguments_dataclass()  # built after the registration
-    fields = {f.name: f.default for f in arguments.__dataclass_fields__.values()}
-    assert fields["gradwatch_toy_every"] == 0  # off by default
-    assert fields["gradwatch_toy_log_every"] == 3 and fields["gradwatch_toy_alert_above"] == 0.0
+    fields = {f.name: f for f in arguments.__dataclass_fields__.values()}
+    assert all(f.default is None for f in fields.values())  # None: not given (the environment, the default decide)
+    assert "default: 0" in fields["gradwatch_toy_every"].metadata["help"]  # off by default
+    assert "default: 3" in fields["gradwatch_toy_log_every"].metadata["help"]
+    from gradwatch.integrations import huggingface
+
+    assert "gradwatch_toy_every" in huggingface.GradWatchArguments.__dataclass_fields__  # the module's name too
     parser = transformers.HfArgumentParser((transformers.TrainingArguments, arguments))
     _, ours = parser.parse_args_into_dataclasses(args=[
         "--output_dir", str(tmp_path), "--use_cpu", "--gradwatch_toy_every", "2", "--gradwatch_toy_alert_above",

@@ -13,6 +13,7 @@ from torch import nn
 from gradwatch.config import WatchConfig, list_watch_options
 from gradwatch.engine.watcher import Watcher
 from gradwatch.integrations import lightning as glue
+from gradwatch.resolve import resolve_config
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -28,7 +29,12 @@ class GradWatch(Callback):
     """Live training diagnostics for a Lightning ``Trainer``.
 
     Args:
-        config: a :class:`gradwatch.WatchConfig`; or its options as keywords (``GradWatch(spectra=10)``).
+        config: a :class:`gradwatch.WatchConfig`; or its options as keywords (``GradWatch(spectra=10)``: an int
+            for a family is its ``every``).
+
+    Options not given here (nor in ``config``) come from the ``GRADWATCH_*`` environment (``gradwatch run``'s
+    options), then the defaults: :data:`gradwatch.resolve.PRECEDENCE`. In LightningCLI YAML an option left
+    out is ``unset``, so the environment applies to it too.
 
     Events: step start at the first micro-batch's ``on_train_batch_start`` (each reports its micro-batch's
     examples); gradients ready at
@@ -37,7 +43,7 @@ class GradWatch(Callback):
     """
 
     def __init__(self, config: WatchConfig | None = None, **kwargs: Any) -> None:
-        self.config = WatchConfig.from_kwargs(config, **kwargs)
+        self.config = resolve_config(config, kwargs)
         self.watcher = Watcher(self.config)
         self.log_dir: str | None = None
         self._ready: int | None = None

@@ -14,6 +14,7 @@ from typing import Any
 from gradwatch.config import WatchConfig
 from gradwatch.engine.watcher import Watcher
 from gradwatch.integrations import huggingface as glue
+from gradwatch.resolve import resolve_config
 
 try:
     from transformers import TrainerCallback
@@ -28,7 +29,8 @@ class GradWatch(TrainerCallback):
     """Live training diagnostics for a Hugging Face ``Trainer``.
 
     Args:
-        config: a :class:`gradwatch.WatchConfig`, or its options as keywords.
+        config: a :class:`gradwatch.WatchConfig`, or its options as keywords (``GradWatch(spectra=10)``: an int
+            for a family is its ``every``).
         trainer: the Trainer, if you have it (otherwise found automatically).
         tb_writer: a SummaryWriter to write with (default: that of HF's own ``TensorBoardCallback``, so
             gradwatch's charts land in the same run; else a writer of our own in HF's run directory).
@@ -39,17 +41,32 @@ class GradWatch(TrainerCallback):
     one global scale, undone with the pre-clip norm ``Trainer._clip_grad_norm`` returned) and fp16 gradients
     still carrying the loss scale are unscaled; step end at ``on_step_end`` with the step's loss. Steps are
     ``state.global_step + 1`` at gradients ready, the step being taken.
+
+    Options not given here (nor in ``config``) come from the Trainer's ``gradwatch_*`` TrainingArguments
+    fields, then the ``GRADWATCH_*`` environment (``gradwatch run``'s options), then the defaults
+    (:data:`gradwatch.resolve.PRECEDENCE`); the fields are read when the Trainer is built (``on_init_end``)
+    or at the latest at train begin.
     """
 
     def __init__(self, config: WatchConfig | None = None, *, trainer: Any = None, tb_writer: Any = None,
                  **kwargs: Any) -> None:
-        self.config = WatchConfig.from_kwargs(config, **kwargs)
+        self._given_config, self._keywords = config, dict(kwargs)
+        self.config = resolve_config(config, self._keywords)  # a bad keyword or variable fails here
         self.watcher = Watcher(self.config)
+        self._args_read = False
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tb_writer = tb_writer
         self._clip = glue.ClipNormRecorder()
-        self._loss = glue.StepLossRecorder(on_inputs=self.watcher.on_micro_batch)
+        self._loss = glue.StepLossRecorder(on_inputs=lambda inputs: self.watcher.on_micro_batch(inputs))
         self.log_dir: str | None = None
+
+    def read_training_args(self, args: Any) -> None:
+        """Resolve again with ``args``' ``gradwatch_*`` fields (once, before training starts)."""
+        if self._args_read or args is None:
+            return
+        self._args_read = True
+        self.config = resolve_config(self._given_config, self._keywords, training_args=args, warn_unknown=False)
+        self.watcher = Watcher(self.config)
 
     @property
     def trainer(self) -> Any:
@@ -62,9 +79,11 @@ class GradWatch(TrainerCallback):
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _ = self.trainer
+        self.read_training_args(args)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, train_dataloader: Any = None,
                        **kwargs: Any) -> None:
+        self.read_training_args(args)
         trainer = self.trainer
         writer = self._tb_writer or glue.host_writer(trainer, exclude=self)
         sinks, self.log_dir = glue.sinks_for(args, state, self.config, writer)
@@ -112,7 +131,8 @@ class GradWatchTensorBoardCallback(TensorBoardCallback):
         super().on_init_end(args, state, control, **kwargs)
         trainer = glue.find_calling_trainer()
         # runs after this callback at every event, so it finds this callback's writer at train begin
-        self.gradwatch = GradWatch(glue.config_from_training_args(args), trainer=trainer)
+        self.gradwatch = GradWatch(trainer=trainer)  # every option from the fields, the environment, the defaults
+        self.gradwatch.read_training_args(args)
         if trainer is not None:
             trainer.add_callback(self.gradwatch)
 

@@ -7,143 +7,47 @@ touching the training script:
 - launcher option: ``gradwatch run --spectra-every 10 train.py ...``, which sets the same variable for the
   script and every process it starts (``torchrun`` workers, DataLoader workers).
 
-Precedence, highest first: a value the script sets itself (an explicit ``TrainingArguments`` field or
-the script's own ``--gradwatch_*`` flag, a ``GradWatch(...)`` argument) > the launcher option > the
-environment variable > the knob's default.
+They apply to every way of starting gradwatch: ``callbacks=[GradWatch()]`` in Lightning or the HF Trainer,
+LightningCLI, and ``report_to="gradwatch"``. The precedence between them and the other surfaces is that of
+:mod:`gradwatch.resolve` (:data:`gradwatch.resolve.PRECEDENCE`): code > HF fields > launcher option >
+environment variable > default.
 
 Text is read by the knob's type: ``int`` (``10``), ``float`` (``0.05``), ``bool`` (``true/false``,
-``1/0``, ``yes/no``, ``on/off``) and ``str`` (as given; lists are comma-separated, as for ``include``).
-A value that cannot be read, or that :func:`gradwatch.knobs.config_from_knobs` rejects, raises
-:class:`KnobValueError` naming the variable or option, the value and what is valid.
+``1/0``, ``yes/no``, ``on/off``) and ``str`` (as given; lists are comma-separated, as for ``include``); an
+optional knob reads ``none`` as None. An empty variable counts as unset. A value that cannot be read, or
+that the option rejects, raises :class:`KnobValueError` naming the variable or option, the value and what is
+valid. A ``GRADWATCH_*`` variable that names no knob is reported in one warning, with the closest knob's name.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-ENV_PREFIX = "GRADWATCH_"
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
-class KnobValueError(ValueError):
-    """A knob's value, as given in an environment variable or a launcher option, is not valid."""
-
-
-def env_var(name: str) -> str:
-    """``spectra_every`` -> ``GRADWATCH_SPECTRA_EVERY``."""
-    return ENV_PREFIX + name.upper()
-
-
-def option_flag(name: str) -> str:
-    """``spectra_every`` -> ``--spectra-every``."""
-    return "--" + name.replace("_", "-")
-
-
-def all_knobs() -> list[Any]:
-    """The knobs of :mod:`gradwatch.knobs`."""
-    from gradwatch.knobs import knobs
-
-    return list(knobs())
-
-
-def expected_text(knob: Any) -> str:
-    """What a valid value of ``knob`` looks like, for messages and ``--help``."""
-    choices = getattr(knob, "choices", None)
-    if choices:
-        return f"one of {list(choices)}"
-    kind = getattr(knob, "type", str)
-    if kind is bool:
-        return "a boolean (" + ", ".join(f"{t}/{f}" for t, f in zip(TRUE_WORDS, FALSE_WORDS)) + ")"
-    if kind is int:
-        return "an integer"
-    if kind is float:
-        return "a number"
-    return "text"
-
-
-def parse_knob_text(knob: Any, text: str, source: str) -> Any:
-    """Read ``text`` as a value of ``knob``'s type. ``source`` names where it came from (for the message)."""
-    kind = getattr(knob, "type", str)
-    stripped = text.strip()
-    value: Any
-    try:
-        if kind is bool:
-            word = stripped.lower()
-            if word not in TRUE_WORDS + FALSE_WORDS:
-                raise ValueError
-            value = word in TRUE_WORDS
-        elif kind is int:
-            value = int(stripped, 10)
-        elif kind is float:
-            value = float(stripped)
-            if not math.isfinite(value):
-                raise ValueError
-        else:
-            value = text
-    except ValueError:
-        raise KnobValueError(f"gradwatch: {source}={text!r} is not valid: expected {expected_text(knob)} "
-                             f"({knob.name}: {knob.help})") from None
-    choices = getattr(knob, "choices", None)
-    if choices and value not in choices:
-        raise KnobValueError(f"gradwatch: {source}={text!r} is not valid: expected {expected_text(knob)} "
-                             f"({knob.name}: {knob.help})")
-    return value
-
-
-def knob_text(knob: Any, value: Any) -> str:
-    """The text of ``value`` as an environment variable holds it (read back by :func:`parse_knob_text`)."""
-    if getattr(knob, "type", str) is bool:
-        return "true" if value else "false"
-    return str(value)
-
-
-def knob_values_from_env(environ: Mapping[str, str] | None = None,
-                         knob_list: Sequence[Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """The knobs set in the environment, read by type.
-
-    Returns:
-        ``(values, sources)``: ``{knob name: value}`` for every ``GRADWATCH_<NAME>`` that is set, and
-        ``{knob name: variable name}``. An empty variable counts as unset.
-
-    Raises:
-        KnobValueError: a variable's text cannot be read as its knob's type.
-    """
-    environ = os.environ if environ is None else environ
-    knob_list = all_knobs() if knob_list is None else knob_list
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for knob in knob_list:
-        var = env_var(knob.name)
-        text = environ.get(var)
-        if text is None or text.strip() == "":
-            continue
-        values[knob.name] = parse_knob_text(knob, text, var)
-        sources[knob.name] = var
-    return values, sources
-
-
-def unknown_env_vars(environ: Mapping[str, str] | None = None,
-                     knob_list: Sequence[Any] | None = None) -> list[str]:
-    """``GRADWATCH_*`` variables that name no knob (typos such as ``GRADWATCH_SPECTRA_EVRY``)."""
-    environ = os.environ if environ is None else environ
-    knob_list = all_knobs() if knob_list is None else knob_list
-    known = {env_var(k.name) for k in knob_list}
-    return sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known)
-
-
-def _inner(error: Exception) -> str:
-    return str(error).removeprefix("gradwatch: ")
+from gradwatch.environment import _WARNED as _WARNED
+from gradwatch.environment import (
+    ENV_PREFIX,
+    FALSE_WORDS,
+    NONE_WORD,
+    TRUE_WORDS,
+    KnobValueError,
+    all_knobs,
+    closest_env_var,
+    env_var,
+    expected_text,
+    knob_text,
+    knob_values_from_env,
+    option_flag,
+    parse_knob_text,
+    unknown_env_message,
+    unknown_env_vars,
+    warn_unknown_env_vars,
+)
 
 
 def check_knob_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> Any:
-    """Validate ``values`` with :func:`gradwatch.knobs.config_from_knobs`, one by one and then together.
-
-    Each knob is checked alone (a family's option with its family switched on, so that an option of a family
-    that is off by default is checked too), so that the message names the one variable or option at fault.
+    """Validate ``values``: each alone (a family's option with its family switched on, so that an option of a
+    family that is off is checked too), then together.
 
     Args:
         values: ``{knob name: value}`` (typed).
@@ -155,24 +59,9 @@ def check_knob_values(values: Mapping[str, Any], sources: Mapping[str, str]) -> 
     Raises:
         KnobValueError: naming the variable or option, the value and what is valid.
     """
-    from gradwatch.knobs import config_from_knobs
+    from gradwatch.resolve import Layer, resolve_layers
 
-    by_name = {k.name: k for k in all_knobs()}
-    for name, value in values.items():
-        alone = {name: value}
-        family = getattr(by_name.get(name), "family", None)
-        if family and name != f"{family}_every" and f"{family}_every" in by_name:
-            alone[f"{family}_every"] = values.get(f"{family}_every") or 1
-        try:
-            config_from_knobs(alone)
-        except ValueError as error:
-            raise KnobValueError(f"gradwatch: {sources.get(name, name)}={value!r} is not valid: "
-                                 f"{_inner(error)}") from None
-    try:
-        return config_from_knobs(dict(values))
-    except ValueError as error:
-        given = ", ".join(f"{sources.get(n, n)}={v!r}" for n, v in values.items())
-        raise KnobValueError(f"gradwatch: these knob values do not go together ({given}): {_inner(error)}") from None
+    return resolve_layers([Layer.from_knobs("knobs", values, sources)])
 
 
 def resolve_knob_values(explicit: Mapping[str, Any] | None = None,
@@ -186,3 +75,9 @@ def resolve_knob_values(explicit: Mapping[str, Any] | None = None,
     values, _ = knob_values_from_env(environ)
     values.update(explicit or {})
     return values
+
+
+__all__ = ["ENV_PREFIX", "FALSE_WORDS", "NONE_WORD", "TRUE_WORDS", "KnobValueError", "all_knobs", "check_knob_values",
+           "closest_env_var", "env_var", "expected_text", "knob_text", "knob_values_from_env", "option_flag",
+           "parse_knob_text", "resolve_knob_values", "unknown_env_message", "unknown_env_vars",
+           "warn_unknown_env_vars"]

@@ -16,7 +16,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +24,12 @@ from torch import Tensor, nn
 from gradwatch.config import WatchConfig
 from gradwatch.engine.probe import ProbeSource
 from gradwatch.engine.sinks import Sink
-from gradwatch.integrations.env_knobs import check_knob_values, knob_values_from_env
 from gradwatch.integrations.grad_scale import hf_scaler, pending_loss_scale
 from gradwatch.integrations.sinks import build_sinks
-from gradwatch.knobs import config_from_knobs, knobs
+from gradwatch.knobs import knobs
+from gradwatch.resolve import HF_FIELD_PREFIX, resolve_config
 
-FIELD_PREFIX = "gradwatch_"
+FIELD_PREFIX = HF_FIELD_PREFIX
 # torch.nn.utils.clip_grad_norm_ scales by max_norm / (total_norm + 1e-6) (torch/nn/utils/clip_grad.py);
 # accelerate's clip_grad_norm_ calls it, so the pre-clip gradient is grad / min(1, that factor).
 TORCH_CLIP_EPS = 1e-6
@@ -38,32 +38,36 @@ TORCH_CLIP_EPS = 1e-6
 # ---- arguments -------------------------------------------------------------------------------------
 
 
+def _field_type(knob: Any) -> Any:
+    return Optional[knob.type]  # None: not given (the environment, then the default, decide)
+
+
 def arguments_dataclass(name: str = "GradWatchArguments") -> type:
-    """A dataclass with one ``gradwatch_<knob>`` field per knob (defaults from the configs): for
-    ``HfArgumentParser((TrainingArguments, GradWatchArguments))``. Built from the registered families, so a
-    family registered later gets its fields by calling this again."""
+    """A dataclass with one ``gradwatch_<knob>`` field per knob, for
+    ``HfArgumentParser((TrainingArguments, GradWatchArguments))``. Every field defaults to None, "not given":
+    the ``GRADWATCH_*`` environment and then the defaults decide (the help names the default). Built from the
+    knobs as they are when called: ``gradwatch.integrations.huggingface.GradWatchArguments`` is built anew
+    after a family is registered."""
     specs = []
     for k in knobs():
-        meta: dict[str, Any] = {"help": k.help}
+        meta: dict[str, Any] = {"help": f"{k.help} (default: {k.default!r})"}
         if k.choices:
             meta["choices"] = list(k.choices)
-        specs.append((FIELD_PREFIX + k.name, k.type, dataclasses.field(default=k.default, metadata=meta)))
+        specs.append((FIELD_PREFIX + k.name, _field_type(k), dataclasses.field(default=None, metadata=meta)))
 
     def post_init(self: Any) -> None:
         config_from_training_args(self, environ={})  # a bad value fails at parse time, naming the field
 
-    return dataclasses.make_dataclass(name, specs, namespace={"__post_init__": post_init,
-                                                               "__doc__": "gradwatch's knobs as dataclass fields."})
-
-
-GradWatchArguments = arguments_dataclass()
+    return dataclasses.make_dataclass(name, specs, namespace={
+        "__post_init__": post_init, "__module__": __name__,
+        "__doc__": "gradwatch's knobs as dataclass fields (None: not given)."})
 
 
 def _training_arguments_class() -> type:
     from transformers import TrainingArguments
 
-    knob_fields = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-                   for f in dataclasses.fields(GradWatchArguments)]
+    knob_fields = [(f.name, f.type, dataclasses.field(default=None, metadata=f.metadata))
+                   for f in dataclasses.fields(_derived("GradWatchArguments"))]
 
     def post_init(self: Any) -> None:
         TrainingArguments.__post_init__(self)
@@ -75,37 +79,38 @@ def _training_arguments_class() -> type:
                    "__doc__": "``TrainingArguments`` with gradwatch's knobs (each also a ``--gradwatch_*`` flag)."})
 
 
+_BUILT: dict[str, tuple[tuple[str, ...], type]] = {}
+
+
+def _derived(name: str) -> type:
+    """``GradWatchArguments`` / ``GradWatchTrainingArguments`` for the knobs as they are now (the same class
+    while the knobs do not change)."""
+    names = tuple(k.name for k in knobs())
+    built = _BUILT.get(name)
+    if built is None or built[0] != names:
+        cls = arguments_dataclass() if name == "GradWatchArguments" else _training_arguments_class()
+        _BUILT[name] = built = (names, cls)
+    return built[1]
+
+
 def __getattr__(name: str) -> Any:
-    if name == "GradWatchTrainingArguments":  # built on first use: importing this module imports no transformers
-        cls = _training_arguments_class()
-        globals()[name] = cls
-        return cls
+    if name in ("GradWatchArguments", "GradWatchTrainingArguments"):  # built on use: importing this module
+        return _derived(name)  # imports no transformers, and a family registered later gets its fields
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_from_training_args(args: Any, *, environ: Mapping[str, str] | None = None,
                               base: Mapping[str, Any] | None = None) -> WatchConfig:
-    """The :class:`WatchConfig` of ``gradwatch_*`` fields, the ``GRADWATCH_*`` environment and the defaults.
-
-    Precedence, highest first: a field whose value differs from its default (set by the script or its
-    command line); the environment variable (which ``gradwatch run --<knob>`` sets); the default.
+    """The :class:`WatchConfig` of ``gradwatch_*`` fields, the ``GRADWATCH_*`` environment and the defaults
+    (``base``: options given in code, above them), by :data:`gradwatch.resolve.PRECEDENCE`: a field is given
+    when it is not None, whatever its value (``gradwatch_spectra_every=50`` beats ``GRADWATCH_SPECTRA_EVERY``).
 
     Raises:
         ValueError: naming the field (``gradwatch_spectra_every=-3``) or the variable the bad value came from,
             the value and what is valid. Each value is checked alone, a family's option with its family switched
             on, so a bad option of a family that is off fails too (as it does from the environment).
     """
-    env_values, env_sources = knob_values_from_env(environ)
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for k in knobs():
-        given = getattr(args, FIELD_PREFIX + k.name, k.default)
-        if given != k.default:
-            values[k.name], sources[k.name] = given, FIELD_PREFIX + k.name
-        elif k.name in env_values:
-            values[k.name], sources[k.name] = env_values[k.name], env_sources[k.name]
-    check_knob_values(values, sources)
-    return config_from_knobs(values, base)
+    return resolve_config(keywords=base, training_args=args, environ=environ)
 
 
 # ---- the Trainer, its loss, its clip norm, its step loss ---------------------------------------------

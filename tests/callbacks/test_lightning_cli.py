@@ -178,3 +178,28 @@ def test_unknown_option_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         cli(["--config", str(path)], run=False)
     assert "spectrr" in capsys.readouterr().err
+
+
+def test_environment_under_lightningcli_below_the_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options left out of ``init_args`` come from ``GRADWATCH_*`` (``gradwatch run``'s options); one written
+    there beats the variable, even at its default value (``max_overhead: 0.05``)."""
+    monkeypatch.setenv("GRADWATCH_SPECTRA_EVERY", "7")
+    monkeypatch.setenv("GRADWATCH_MAX_OVERHEAD", "0.3")
+    monkeypatch.setenv("GRADWATCH_ON_ERROR", "raise")
+    path = config_file(tmp_path, {"class_path": CALLBACK, "init_args": {"max_overhead": 0.05}})
+    config = the_callback(cli(["--config", str(path)], run=False).trainer).config
+    assert [s for s in range(1, 15) if config.spectra.every.is_due(s)] == [1, 7, 14]
+    assert config.max_overhead == 0.05 and config.on_error == "raise"
+
+
+def test_saved_config_keeps_options_left_out_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI saves the parsed config (``config.yaml`` in the run directory): an option left out is saved
+    as ``unset`` and reads back as left out, so a rerun from the saved file still takes the environment."""
+    monkeypatch.setenv("GRADWATCH_SPECTRA_EVERY", "7")
+    path = config_file(tmp_path, {"class_path": CALLBACK, "init_args": {"include": ["body.*"]}}, max_steps=2)
+    LightningCLI(CliModule, CliData, args=["fit", "--config", str(path)], save_config_kwargs={"overwrite": True})
+    saved = tmp_path / "cli" / "version_0" / "config.yaml"
+    text = saved.read_text()
+    assert "max_overhead: unset" in text and "body.*" in text, text
+    config = the_callback(cli(["fit", "--config", str(saved)]).trainer).config  # a rerun from the saved file
+    assert config.include == ("body.*",) and config.spectra.every.is_due(7) and not config.spectra.every.is_due(50)

@@ -3,8 +3,9 @@ the figures (PNG, matplotlib's Agg canvas), the HTML pages of ``gradwatch report
 
 A *run directory* is the directory a trainer's TensorBoard writer logs to (``lightning_logs/version_0``,
 HF's ``output_dir/runs/<run>``), or any directory above exactly one such directory with gradwatch's tags.
-It holds the event files (scalar tags ``grad_spectrum/<stat>/<param>``, ``sharpness/...``, ``signals/...``,
-``stability/...``, ``gradwatch/overhead``) and the records ``signals.jsonl`` and ``alerts.jsonl``.
+It holds the event files (scalar tags under each registered family's stem, ``grad_spectrum/<stat>/<param>``,
+``sharpness/...``, ``moe/...``, and ``gradwatch/overhead``) and the records ``signals.jsonl`` and ``alerts.jsonl``.
+Each family's section of the report is its ``Family.report`` hook (or a generic one): the page names no family.
 
 Run comparison (``gradwatch compare``) follows the seed papers: each statistic's per-layer averages over the two
 runs and their relative difference RD; the formula is in :mod:`gradwatch.integrations.report.compare`.
@@ -22,10 +23,9 @@ from gradwatch.integrations.report.compare import (
     layer_means,
     relative_difference,
 )
-from gradwatch.integrations.report.page import write_comparison, write_report
+from gradwatch.integrations.report.page import family_sections, generic_section, write_comparison, write_report
 from gradwatch.integrations.report.plots import LOG_SCALE_STATS
 from gradwatch.integrations.report.runs import (
-    GRADWATCH_PREFIXES,
     PICTURE_TAGS,
     RECORD_FILES,
     SPECTRUM_ORDER,
@@ -33,6 +33,7 @@ from gradwatch.integrations.report.runs import (
     Run,
     RunDirError,
     Series,
+    gradwatch_prefixes,
     layer_family,
     layer_matrix,
     load_run,
@@ -46,7 +47,14 @@ from gradwatch.integrations.report.runs import (
 )
 
 __all__ = ["GRADWATCH_PREFIXES", "LOG_SCALE_STATS", "PICTURE_TAGS", "RECORD_FILES", "SPECTRUM_ORDER",
-           "STABILITY_PER_LAYER", "Comparison", "Run", "RunDirError", "Series", "compare_runs",
-           "format_comparison_table", "layer_family", "layer_matrix", "layer_means", "load_run", "natural_key",
+           "STABILITY_PER_LAYER", "Comparison", "Run", "RunDirError", "Series", "compare_runs", "family_sections",
+           "format_comparison_table", "generic_section", "gradwatch_prefixes",
+           "layer_family", "layer_matrix", "layer_means", "load_run", "natural_key",
            "read_jsonl", "read_scalars", "relative_difference", "spectrum_layers", "spectrum_tag", "stability_layers",
            "tag_matrix", "write_comparison", "write_report"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "GRADWATCH_PREFIXES":  # derived from the registry when asked
+        return gradwatch_prefixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

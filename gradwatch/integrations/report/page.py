@@ -237,12 +237,47 @@ def _overhead_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
                                              figs.save(fig, "overhead", "gradwatch overhead per step")])
 
 
+# The built-in families' sections, until their registrations carry them (``Family.report``; the built-in
+# declarations live in gradwatch/metrics/, edited elsewhere at the time): looked up by the family's own stem
+# only for a family that declares no hook. Nothing else in the report names a family.
+_SECTIONS_BY_STEM: dict[str, Any] = {"grad_spectrum": _spectra_section, "sharpness": _sharpness_section,
+                                     "signals": _signals_section, "stability": _stability_section}
+_GENERIC_MOST_TAGS = 24
+
+
+def generic_section(family: Any, run: Run, figs: _Figures) -> tuple[str, str, str] | None:
+    """The section of a family without a report hook: its ``<stem>/`` scalars as small multiples (per-layer tags
+    beyond the first few are counted, not drawn)."""
+    tags = run.tags(f"{family.stem}/")
+    if not tags:
+        return None
+    shown = tags[:_GENERIC_MOST_TAGS]
+    title = (family.summary or family.key).strip()
+    fig = _small_multiples(run, shown, f"{family.stem} scalars", strip=f"{family.stem}/")
+    parts = [figs.save(fig, f"{family.stem}_scalars", f"{family.stem} scalars per step: " + ", ".join(shown))]
+    if len(tags) > len(shown):
+        parts.append(f'<p class="note">{len(tags) - len(shown)} more {_esc(family.stem)}/ tags are not drawn '
+                     f"({_esc(', '.join(tags[len(shown):len(shown) + 5]))}, ...).</p>")
+    return _section(family.stem, title[:1].upper() + title[1:], parts)
+
+
+def family_sections(run: Run, figs: _Figures) -> list[tuple[str, str, str] | None]:
+    """One section per registered family, in registration order: its ``Family.report`` hook, else the
+    generic section."""
+    from gradwatch.registry import families
+
+    out = []
+    for fam in families():
+        hook = fam.report_hook() or _SECTIONS_BY_STEM.get(fam.stem)
+        out.append(hook(run, figs) if hook is not None else generic_section(fam, run, figs))
+    return out
+
+
 def write_report(run: Run, out: str | os.PathLike) -> Path:
     """Write ``out/index.html`` and ``out/figures/*.png`` for ``run``; returns the page's path."""
     out = Path(out)
     figs = _Figures(out)
-    built = (_spectra_section(run, figs), _sharpness_section(run, figs), _signals_section(run, figs),
-             _stability_section(run, figs), _alerts_section(run), _overhead_section(run, figs))
+    built = [*family_sections(run, figs), _alerts_section(run), _overhead_section(run, figs)]
     sections = [s for s in built if s is not None]
     all_steps = [s.steps for s in run.scalars.values() if len(s.steps)]
     span = (f"steps {int(min(s.min() for s in all_steps))} to {int(max(s.max() for s in all_steps))}"

@@ -13,7 +13,22 @@ from typing import Any
 
 import numpy as np
 
-GRADWATCH_PREFIXES = ("grad_spectrum/", "sharpness/", "signals/", "stability/", "gradwatch/")
+ENGINE_PREFIX = "gradwatch/"
+
+
+def gradwatch_prefixes() -> tuple[str, ...]:
+    """The tag prefixes of gradwatch's scalars: each registered family's ``<stem>/`` and ``gradwatch/``."""
+    from gradwatch.registry import families
+
+    return (*(f"{f.stem}/" for f in families()), ENGINE_PREFIX)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GRADWATCH_PREFIXES":  # derived from the registry when asked
+        return gradwatch_prefixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 RECORD_FILES = ("signals.jsonl", "alerts.jsonl")
 SPECTRUM_ORDER = ("nuclear_norm", "spectral_norm", "frobenius_norm", "stable_rank", "effective_rank", "top1_ratio")
 _NOT_PER_LAYER = ("mad", "heatmap", "nonfinite_layers")  # grad_spectrum/<these>/... are not <stat>/<param>
@@ -182,8 +197,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _is_gradwatch_tag(tag: str) -> bool:
-    return tag.startswith(GRADWATCH_PREFIXES)
+def _is_gradwatch_tag(tag: str, prefixes: tuple[str, ...] | None = None) -> bool:
+    return tag.startswith(prefixes or gradwatch_prefixes())
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -198,7 +213,8 @@ def load_run(path: str | os.PathLike) -> Run:
     dirs = _event_dirs(root)
     accumulators = {d: _accumulator(d) for d in dirs}  # each directory's event files read once
     read = {d: _scalars_of(a) for d, a in accumulators.items()}
-    ours = [d for d in dirs if any(map(_is_gradwatch_tag, read[d]))]
+    prefixes = gradwatch_prefixes()
+    ours = [d for d in dirs if any(_is_gradwatch_tag(t, prefixes) for t in read[d])]
     if len(ours) > 1:
         names = "\n  ".join(str(d) for d in ours)
         raise RunDirError(f"{str(path)!r} holds {len(ours)} runs with gradwatch data; pass one of them:\n  {names}")
@@ -216,7 +232,7 @@ def load_run(path: str | os.PathLike) -> Run:
                  "it has TensorBoard event files with no scalars" if dirs else "it has no TensorBoard event files")
         raise RunDirError(
             f"no gradwatch data in {str(path)!r}: {found}, and no {' or '.join(RECORD_FILES)}. gradwatch writes "
-            f"tags under {', '.join(p.rstrip('/') for p in GRADWATCH_PREFIXES)}; point this at the directory "
+            f"tags under {', '.join(p.rstrip('/') for p in prefixes)}; point this at the directory "
             f"your trainer logs to with gradwatch on (e.g. lightning_logs/version_0, or output_dir/runs/<run> "
             f"for the Hugging Face Trainer)")
     scalars = {t: s for t, s in read[event_dir].items()} if event_dir else {}
