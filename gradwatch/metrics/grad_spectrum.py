@@ -103,6 +103,7 @@ def _build(config: SpectraConfig, inputs: BuildInputs) -> list[Diagnostic]:
 
 
 FAMILY = Family(key="spectra", stem="grad_spectrum", config_class=SpectraConfig, default_on=True, build=_build,
+                report="gradwatch.integrations.report.page:spectra_section",
                 summary="singular-value statistics of every watched layer's gradient",
                 knobs=("method", "heatmap_every", "per_example", "per_example_every", "per_example_size"))
 

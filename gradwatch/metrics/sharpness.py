@@ -192,5 +192,6 @@ def _build(config: SharpnessConfig, inputs: BuildInputs) -> list[Diagnostic]:
 
 
 FAMILY = Family(key="sharpness", stem="sharpness", config_class=SharpnessConfig, default_on=False, build=_build,
+                report="gradwatch.integrations.report.page:sharpness_section",
                 summary="top Hessian eigenvalue of the training loss against the optimizer's stability threshold",
                 knobs=("probe_size", "max_iter", "tol", "top_k", "trace_samples"))

@@ -59,7 +59,7 @@ def _section(anchor: str, title: str, parts: list[str]) -> tuple[str, str, str]:
     return anchor, title, f'<h2 id="{anchor}">{_esc(title)}</h2>\n' + "\n".join(parts)
 
 
-def _spectra_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
+def spectra_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
     from gradwatch.integrations.figures import heatmap_plot
 
     spectra = run.spectra()
@@ -90,7 +90,7 @@ def _spectra_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
     return _section("spectra", "Gradient spectra", parts)
 
 
-def _sharpness_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
+def sharpness_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
     lam, thr = run.scalars.get("sharpness/lambda_max"), run.scalars.get("sharpness/threshold")
     pre = run.scalars.get("sharpness/lambda_max_precond")
     if lam is None and pre is None:
@@ -140,7 +140,7 @@ def _list_text(value: Any, most: int = 20) -> str:
     return _esc(value)
 
 
-def _signals_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
+def signals_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
     tags = run.tags("signals/")
     if not tags and not run.signals:
         return None
@@ -178,7 +178,7 @@ def _signals_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
     return _section("signals", "Opposing signals", parts)
 
 
-def _stability_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
+def stability_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
     from gradwatch.integrations.figures import heatmap_plot
 
     per_layer, run_wide = stability_layers(run.scalars)
@@ -240,8 +240,6 @@ def _overhead_section(run: Run, figs: _Figures) -> tuple[str, str, str] | None:
 # The built-in families' sections, until their registrations carry them (``Family.report``; the built-in
 # declarations live in gradwatch/metrics/, edited elsewhere at the time): looked up by the family's own stem
 # only for a family that declares no hook. Nothing else in the report names a family.
-_SECTIONS_BY_STEM: dict[str, Any] = {"grad_spectrum": _spectra_section, "sharpness": _sharpness_section,
-                                     "signals": _signals_section, "stability": _stability_section}
 _GENERIC_MOST_TAGS = 24
 
 
@@ -268,7 +266,7 @@ def family_sections(run: Run, figs: _Figures) -> list[tuple[str, str, str] | Non
 
     out = []
     for fam in families():
-        hook = fam.report_hook() or _SECTIONS_BY_STEM.get(fam.stem)
+        hook = fam.report_hook()
         out.append(hook(run, figs) if hook is not None else generic_section(fam, run, figs))
     return out
 

@@ -18,6 +18,7 @@ def _build(config: SignalsConfig, inputs: BuildInputs) -> list[Diagnostic]:
 
 
 FAMILY = Family(key="signals", stem="signals", config_class=SignalsConfig, default_on=False, build=_build,
+                report="gradwatch.integrations.report.page:signals_section",
                 summary="per-example loss changes over one optimizer step on the probe set, in bursts: outliers "
                         "and pairs of groups with opposing signals (Rosenfeld and Risteski 2023)",
                 knobs=("window", "alarm", "probe_size", "burst"))

@@ -69,6 +69,7 @@ def build(config: StabilityConfig, inputs: BuildInputs) -> list[Diagnostic]:
 
 
 FAMILY = Family(key="stability", stem="stability", config_class=StabilityConfig, default_on=False, build=build,
+                report="gradwatch.integrations.report.page:stability_section",
                 summary="attention-logit growth, attention entropy, output log Z, update/weight ratios, Adam eps "
                         "share, loss and gradient spikes, with alerts",
                 knobs=("max_exact_seq_len", "attention_logit_level", "attention_growth", "entropy_floor",
