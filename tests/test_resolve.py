@@ -38,6 +38,9 @@ _PICKS: dict[str, tuple[Any, Any]] = {
     "log_dir": ("/tmp/gw-a", "/tmp/gw-b"), "max_overhead": (0.2, 0.3),
     "spectra_stats": (("nuclear_norm",), ("effective_rank", "top1_ratio")),
     "moe_routers": (("router",), ("gate", "w_gate")),
+    # each must hold rank_by's default (effective_rank), and rank_by must be one of stats' default
+    "example_quality_stats": (("effective_rank", "nuclear_norm"), ("spectral_norm", "effective_rank")),
+    "example_quality_rank_by": ("nuclear_norm", "stable_rank"),
 }
 
 
