@@ -3,7 +3,7 @@
 Part of the opposing-signals detector (:mod:`gradwatch.functional.signals`, Rosenfeld and Risteski 2023):
 an opposing signal is two groups that carry one feature the rest of the data lacks while their labels
 differ, so both deviate from the rest of their own class in the same direction of the representation
-``h`` (the last layer's input). The two sides of a decision margin deviate toward each other's class.
+``h`` (the metric uses the model's input representation). The two sides of a decision margin deviate toward each other's class.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ consecutive steps):
      probe set's loss movement the pair carries (the paper's "outsized effect");
      ``strength = min(1, share / full_share)`` (default ``full_share`` 0.5);
    - ``shared`` (:func:`shared_direction`) in [-1, 1]: whether the two sides share a feature. Each side's
-     deviation in the model's representation ``h`` (the last layer's input) from the rest of its own class,
+     deviation in the model's input representation ``h`` (the input embeddings' output, or the first
+     layer's input: the feature is a property of the data) from the rest of its own class,
      ``d_g = mean_{i in g} (h_i - mean{h_j : y_j = y_i, j not in g u h})``, and ``shared = cos(d_g, d_h)``.
      An opposing signal is two groups carrying one feature the rest of the data lacks (a sky background)
      while their labels differ: both deviate along that feature, ``shared > 0``. The two sides of a
@@ -330,7 +331,7 @@ def opposing_signals(changes: Tensor, *, features: Tensor | None = None, labels:
 
     Args:
         changes: [W, N], W >= 1 one-step changes of the probe set's N per-example losses, oldest first.
-        features: [N, H], each probe example's representation (the last layer's input) now, for ``shared``.
+        features: [N, H], each probe example's representation (the model's input representation), for ``shared``.
         labels: each probe example's label (hashable; None where it has none), for ``shared``.
         losses: [N], the current per-example losses, for ``swing``.
         z_cut: robust z-score from which an example's movement makes it an outlier.

@@ -497,12 +497,13 @@ def test_large_dataset_indices_survive_a_float32_state() -> None:
     assert all(i in indices for r in rows for i in r["outliers"])
 
 
-def test_the_representation_is_the_last_layers_input_also_with_tied_embeddings() -> None:
-    """GPT-2 ties lm_head to the input embeddings (which come first by name): the representation is still
-    the input of lm_head, the final hidden states averaged over the tokens the attention mask keeps; a plain
-    MLP's is the input of its last Linear."""
+def test_layer_inputs_and_the_input_representation() -> None:
+    """GPT-2 ties lm_head to the input embeddings (which come first by name): its last layer is still lm_head,
+    whose input is the final hidden states (averaged over the tokens the attention mask keeps). The input
+    representation signals uses is the input embeddings' output, averaged the same way; a plain MLP's is the
+    input of its first Linear; pictures are flattened."""
     transformers = pytest.importorskip("transformers")
-    from gradwatch.metrics.signals.representation import HeadInputs, class_key, last_layer
+    from gradwatch.metrics.signals.representation import LayerInputs, class_key, input_layer, last_layer
 
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=8, n_embd=16,
@@ -510,15 +511,31 @@ def test_the_representation_is_the_last_layers_input_also_with_tied_embeddings()
     assert last_layer(model) is model.lm_head
     batch = {"input_ids": torch.randint(0, 50, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
     batch["attention_mask"][1, 5:] = 0
-    heads = HeadInputs(last_layer(model))
+    heads = LayerInputs(last_layer(model))
     with torch.no_grad(), heads.capturing():
         out = model(**batch, output_hidden_states=True)
         got = heads.take(batch, 3)
     mask = batch["attention_mask"].float()[..., None]
     want = (out.hidden_states[-1] * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert input_layer(model) == (model.transformer.wte, True)
+    inputs = LayerInputs.of_input(model)
+    with torch.no_grad(), inputs.capturing():
+        model(**batch)
+        got = inputs.take(batch, 3)
+    want = (model.transformer.wte(batch["input_ids"]) * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     net = mlp()
-    with torch.no_grad(), HeadInputs(last_layer(net)).capturing() as h:
+    with torch.no_grad(), LayerInputs.of_input(net).capturing() as h:
+        x = torch.randn(5, 8)
+        net(x)
+        torch.testing.assert_close(h.take(x, 5), x)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    with torch.no_grad(), LayerInputs.of_input(conv).capturing() as h:
+        pictures = torch.randn(4, 1, 6, 6)
+        conv(pictures)
+        torch.testing.assert_close(h.take(pictures, 4), pictures.reshape(4, 36))
+    with torch.no_grad(), LayerInputs(last_layer(net)).capturing() as h:
         x = torch.randn(5, 8)
         net(x)
         torch.testing.assert_close(h.take(x, 5), net[1](net[0](x)))

@@ -1,7 +1,7 @@
 """The ``signals`` family: outliers with opposing signals on the probe set (Rosenfeld and Risteski 2023).
 
 ``config`` (the options), ``diagnostic`` (the metric: bursts of probe losses, the window, the report),
-``representation`` (the last layer and its input, the labels), ``rows`` (a probe step as numbers),
+``representation`` (the model's input representation, the last layer, the labels), ``rows`` (a probe step as numbers),
 ``display`` (the pairs table, thumbnails and the alert). The math is in :mod:`gradwatch.functional.signals`.
 """
 

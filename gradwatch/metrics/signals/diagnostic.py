@@ -9,7 +9,8 @@ loss change is over one optimizer step (the paper's quantity; the engine runs a 
 and are saved with checkpoints); from them :func:`gradwatch.functional.signals.opposing_signals` finds the
 outliers, their groups and the pairs of groups in anti-phase, and scores each pair by its opposition, its
 share of the loss movement, whether its two sides share a direction in the model's representation (the
-last layer's input, read by a hook during the probe forward; formulas there) and how far they swing
+input embeddings' output or the first layer's input, read by a hook during the probe forward; formulas
+there) and how far they swing
 against their own loss. A pair whose score reaches ``alarm`` is confirmed, where the model allows, by the
 cosine of the two sides' mean last-layer gradients (one extra pass with gradients over the probe batches
 holding the pair); a pair whose gradients turn out not to oppose (cosine >= 0) does not raise the alarm.
@@ -56,7 +57,7 @@ from gradwatch.functional.thumbnails import as_image
 from gradwatch.metrics.base import ChartGroup, Diagnostic, Results, StepContext
 from gradwatch.metrics.signals.config import SignalsConfig
 from gradwatch.metrics.signals.display import describe, opposing_pair_alert, pairs_table, pictures, record
-from gradwatch.metrics.signals.representation import HeadInputs, class_key, last_layer, last_layer_name
+from gradwatch.metrics.signals.representation import LayerInputs, class_key, last_layer_name
 from gradwatch.metrics.signals.rows import Pair, Row, append_row, decode_rows, drop_last_row
 
 TAGS: tuple[str, ...] = ("signals/outliers", "signals/top1pct_share", "signals/opposing_score", "signals/pairs",
@@ -128,7 +129,7 @@ class OpposingSignals(Diagnostic):
         probe = ctx.probe()
         batches = probe.batches(batch_size=self.config.batch_size)
         mine = self._my_batches(len(batches), ctx.rank, ctx.world_size)
-        heads = HeadInputs(last_layer(ctx.model))
+        heads = LayerInputs.of_input(ctx.model)
         local, feats = [], []
         with ctx.extra_pass(grad=False) as extra, heads.capturing():
             for j in mine:
@@ -177,9 +178,9 @@ class OpposingSignals(Diagnostic):
             flags = ctx.all_reduce(flags, "max")
         bad, width = bool(flags[0] > 0) or float(flags[1]) != -float(flags[2]), int(flags[1])
         if bad or width <= 0:
-            self._warn_once("features", "gradwatch: signals cannot read the last layer's input as one vector per "
-                                        "probe example, so no pair can show a shared direction and none raises "
-                                        "the alarm")
+            self._warn_once("features", "gradwatch: signals cannot read the model's input representation as one "
+                                        "vector per probe example, so no pair can show a shared direction and "
+                                        "none raises the alarm")
             return None
         mine = torch.cat([f.reshape(-1) for f in feats if f is not None]) if feats else \
             torch.zeros(0, device=device)

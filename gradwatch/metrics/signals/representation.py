@@ -1,9 +1,15 @@
-"""What the ``signals`` family reads of the model besides losses: the last layer (its weight for the gradient
-confirmation, its input as each probe example's representation) and each probe example's label.
+"""What the ``signals`` family reads of the model besides losses: the last layer (its weight, for the gradient
+confirmation), each probe example's representation at the model's input, and each probe example's label.
 
-The representation of example i is the input of the last layer (the output head), averaged over the other
-positions of a sequence (tokens, weighted by the batch's ``attention_mask`` where it has one), so one vector
-per example: ``h_i`` of :func:`gradwatch.functional.signals.shared_direction`.
+The representation of example i, ``h_i`` of :func:`gradwatch.functional.signals.shared_direction`, is what
+enters the model: the output of the input embeddings (Hugging Face's ``get_input_embeddings``, or a first
+layer that is an ``nn.Embedding``), else the input of the first layer with parameters (pixels, features),
+flattened; sequences are averaged over their positions (weighted by the batch's ``attention_mask`` where it
+has one), so one vector per example. The input and not a deep layer, because the feature an opposing signal
+shares is a property of the data (a sky background, a token), while a trained network's last layers warp
+the two groups toward their labels: on MiniLM with a rare word planted in two groups of opposite labels, the
+classifier's input showed the groups deviating in opposite directions (cosine -0.98), the input embeddings
+the same direction. :class:`LayerInputs` reads any module's input (the output head's, for the tests).
 """
 
 from __future__ import annotations
@@ -76,24 +82,53 @@ def class_key(example: Any) -> Any:
     return y
 
 
-class HeadInputs:
-    """Collects the last layer's input during probe forwards, one row per example (``take`` after each)."""
+def input_layer(model: nn.Module) -> tuple[nn.Module, bool] | None:
+    """(module, whether its output is read) for the model's input representation: the input embeddings (their
+    output), else the first module with parameters of its own (its input; an ``nn.Embedding``: its output)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+        except Exception:  # noqa: BLE001 - a model may not implement it
+            emb = None
+        if isinstance(emb, nn.Module):
+            return emb, True
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            return module, isinstance(module, nn.Embedding)
+    return None
 
-    def __init__(self, module: nn.Module | None) -> None:
-        self.module = module
+
+class LayerInputs:
+    """Collects a module's input (or, with ``output``, its output) during probe forwards, one row per example
+    (``take`` after each batch). The first call per forward counts."""
+
+    def __init__(self, module: nn.Module | None, output: bool = False) -> None:
+        self.module, self.output = module, output
         self._seen: Tensor | None = None
 
+    @classmethod
+    def of_input(cls, model: nn.Module) -> LayerInputs:
+        """The model's input representation (:func:`input_layer`)."""
+        found = input_layer(model)
+        return cls(None) if found is None else cls(*found)
+
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[HeadInputs]:
+    def capturing(self) -> Iterator[LayerInputs]:
         if self.module is None:
             yield self
             return
 
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._seen is None and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
                 self._seen = args[0].detach()
 
-        handle = self.module.register_forward_pre_hook(hook)
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if self._seen is None and isinstance(out, Tensor) and out.is_floating_point():
+                self._seen = out.detach()
+
+        handle = (self.module.register_forward_hook(hook) if self.output
+                  else self.module.register_forward_pre_hook(pre_hook))
         try:
             yield self
         finally:
@@ -107,6 +142,9 @@ class HeadInputs:
         if x is None or x.ndim < 1 or x.numel() == 0:
             return None
         x = x.float()
+        if x.ndim > 3 or (x.ndim == 3 and not self.output and x.shape[0] == count
+                          and not _is_sequence(batch, x)):  # pixels [B, C, H, W] or [B, C, L]: flattened
+            return x.reshape(count, -1) if x.shape[0] == count else None
         if x.ndim == 1:
             return x.reshape(count, -1) if x.numel() % count == 0 and x.shape[0] == count else None
         if x.shape[0] != count:  # flattened positions, [count * T, H]
@@ -121,3 +159,9 @@ class HeadInputs:
             w = mask.to(x.dtype)[..., None]
             return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
         return x.mean(1)
+
+
+def _is_sequence(batch: Any, x: Tensor) -> bool:
+    """Whether ``x`` [B, T, H] is a sequence of the batch's tokens (its ``attention_mask`` is [B, T])."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return isinstance(mask, Tensor) and mask.shape == x.shape[:2]
