@@ -63,7 +63,7 @@ class SignalsConfig:
     max_outliers: int = 128
     full_share: float = 0.5
     full_shared: float = 0.5
-    full_swing: float = 0.2
+    full_swing: float = 0.1
     confirm: bool = True
     batch_size: int | None = None
     decode: Callable[[Any], str] | None = field(default=None, compare=False)
