@@ -137,7 +137,7 @@ class LayerInputs:
 
     def take(self, batch: Any, count: int) -> Tensor | None:
         """The representation [count, H] (float32) of the ``count`` examples of the batch just run, or None
-        when the last layer did not run or its input has no row per example."""
+        when the module did not run or what it read has no row per example."""
         x, self._seen = self._seen, None
         if x is None or x.ndim < 1 or x.numel() == 0:
             return None
