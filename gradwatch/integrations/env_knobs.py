@@ -1,23 +1,5 @@
-"""gradwatch's knobs from ``GRADWATCH_*`` environment variables and from launcher options.
-
-Each knob of :func:`gradwatch.knobs.knobs` (``spectra_every``, ``max_overhead``, ...) can be set without
-touching the training script:
-
-- environment: ``GRADWATCH_<NAME>`` (``GRADWATCH_SPECTRA_EVERY=10``);
-- launcher option: ``gradwatch run --spectra-every 10 train.py ...``, which sets the same variable for the
-  script and every process it starts (``torchrun`` workers, DataLoader workers).
-
-They apply to every way of starting gradwatch: ``callbacks=[GradWatch()]`` in Lightning or the HF Trainer,
-LightningCLI, and ``report_to="gradwatch"``. The precedence between them and the other surfaces is that of
-:mod:`gradwatch.resolve` (:data:`gradwatch.resolve.PRECEDENCE`): code > HF fields > launcher option >
-environment variable > default.
-
-Text is read by the knob's type: ``int`` (``10``), ``float`` (``0.05``), ``bool`` (``true/false``,
-``1/0``, ``yes/no``, ``on/off``) and ``str`` (as given; lists are comma-separated, as for ``include``); an
-optional knob reads ``none`` as None. An empty variable counts as unset. A value that cannot be read, or
-that the option rejects, raises :class:`KnobValueError` naming the variable or option, the value and what is
-valid. A ``GRADWATCH_*`` variable that names no knob is reported in one warning, with the closest knob's name.
-"""
+"""The old home of the ``GRADWATCH_*`` knob reading: its names, re-exported from :mod:`gradwatch.environment`
+(the variables, the launcher options, their precedence and how text is read are described there)."""
 
 from __future__ import annotations
 

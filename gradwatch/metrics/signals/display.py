@@ -13,6 +13,7 @@ from torch import Tensor
 from gradwatch.functional.signals import MIN_CHANGES_FOR_PAIRS
 from gradwatch.functional.thumbnails import as_image, thumbnail_grid
 from gradwatch.metrics.base import Alert
+from gradwatch.metrics.signals.representation import raw_label
 from gradwatch.metrics.signals.rows import Pair, Row
 
 MAX_PAIRS_SHOWN = 3
@@ -30,11 +31,7 @@ def cell(text: Any) -> str:
 
 
 def label_text(example: Any) -> str:
-    y: Any = None
-    if isinstance(example, Mapping):
-        y = example.get("labels", example.get("label"))
-    elif isinstance(example, (tuple, list)) and len(example) >= 2:
-        y = example[1]
+    y = raw_label(example)
     if isinstance(y, Tensor):
         return str(y.item()) if y.numel() == 1 else f"tensor{tuple(y.shape)}"
     return "" if y is None else str(y)

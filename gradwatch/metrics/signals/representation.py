@@ -21,20 +21,26 @@ from typing import Any
 from torch import Tensor, nn
 
 
+def _declared(model: nn.Module, getter_name: str) -> nn.Module | None:
+    """The module a Hugging Face model declares by ``get_output_embeddings``/``get_input_embeddings``, or None."""
+    getter = getattr(model, getter_name, None)
+    if not callable(getter):
+        return None
+    try:
+        module = getter()
+    except Exception:  # noqa: BLE001 - a model may not implement it
+        return None
+    return module if isinstance(module, nn.Module) else None
+
+
 def last_layer_name(model: nn.Module) -> str | None:
     """The last layer's weight: the output embeddings of a model that declares them (Hugging Face's
     ``get_output_embeddings``), else the last 2-D trainable parameter."""
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except Exception:  # noqa: BLE001 - a model may not implement it
-            head = None
-        weight = getattr(head, "weight", None)
-        if isinstance(weight, Tensor):
-            for name, p in model.named_parameters(remove_duplicate=False):
-                if p is weight:
-                    return name
+    weight = getattr(_declared(model, "get_output_embeddings"), "weight", None)
+    if isinstance(weight, Tensor):
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p is weight:
+                return name
     name = None
     for n, p in model.named_parameters():
         if p.ndim == 2 and p.requires_grad:
@@ -46,14 +52,9 @@ def last_layer(model: nn.Module) -> nn.Module | None:
     """The last layer as a module: the output embeddings of a model that declares them (their weight may be
     tied to the input embeddings, which come first by name), else the owner of :func:`last_layer_name`'s
     weight (None: no such weight)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except Exception:  # noqa: BLE001 - a model may not implement it
-            head = None
-        if isinstance(head, nn.Module):
-            return head
+    head = _declared(model, "get_output_embeddings")
+    if head is not None:
+        return head
     name = last_layer_name(model)
     if name is None:
         return None
@@ -64,15 +65,21 @@ def last_layer(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def raw_label(example: Any) -> Any:
+    """The label of a raw probe example as given: ``labels``/``label`` of a mapping, the second item of a
+    tuple or list (None: no label)."""
+    if isinstance(example, Mapping):
+        return example.get("labels", example.get("label"))
+    if isinstance(example, (tuple, list)) and len(example) >= 2:
+        return example[1]
+    return None
+
+
 def class_key(example: Any) -> Any:
     """The label of a raw probe example as a hashable class, or None where it has no single label (a
     sequence of token labels, no label at all): ``labels``/``label`` of a mapping, the second item of a
     tuple, as an int or float."""
-    y: Any = None
-    if isinstance(example, Mapping):
-        y = example.get("labels", example.get("label"))
-    elif isinstance(example, (tuple, list)) and len(example) >= 2:
-        y = example[1]
+    y = raw_label(example)
     if isinstance(y, Tensor):
         if y.numel() != 1:
             return None
@@ -85,14 +92,9 @@ def class_key(example: Any) -> Any:
 def input_layer(model: nn.Module) -> tuple[nn.Module, bool] | None:
     """(module, whether its output is read) for the model's input representation: the input embeddings (their
     output), else the first module with parameters of its own (its input; an ``nn.Embedding``: its output)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        try:
-            emb = getter()
-        except Exception:  # noqa: BLE001 - a model may not implement it
-            emb = None
-        if isinstance(emb, nn.Module):
-            return emb, True
+    emb = _declared(model, "get_input_embeddings")
+    if emb is not None:
+        return emb, True
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
             return module, isinstance(module, nn.Embedding)
