@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from gradwatch.engine.fsdp import is_fsdp2, unsharded
-from gradwatch.engine.layers import gradient_matrices, unwrap_optimizer
+from gradwatch.engine.layers import GradientShard, gradient_matrices, gradient_shards, unwrap_optimizer
 from gradwatch.engine.ranks import Ranks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -244,6 +244,21 @@ class EngineStepContext:
         return self._gradients
 
     @cached_property
+    def _gradient_shards(self) -> list[GradientShard]:
+        return gradient_shards(self._layers, self.world_size)
+
+    def gradient_shards(self) -> list[GradientShard]:
+        """This rank's part of each watched gradient (:class:`gradwatch.engine.layers.GradientShard`, in
+        ``watched`` order): FSDP2 row shards stay shards; no collective for them (other DTensor layouts are
+        made whole). The gradients are raw ``.grad``: multiply by :attr:`grad_scale` for the true ones."""
+        return self._gradient_shards
+
+    @property
+    def grad_scale(self) -> float | None:
+        """The factor turning ``.grad`` into the true pre-clip gradient (None: 1)."""
+        return None if self._grad_scale in (None, 1.0) else float(self._grad_scale)
+
+    @cached_property
     def _batch_gradient_norms(self) -> tuple[BatchGradientNorms | None, str]:
         return batch_gradient_norms(self._micro_batches, self._ranks, self._layers, self._grad_scale,
                                     self._loss_scale)
@@ -292,6 +307,12 @@ class EngineStepContext:
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
         return self._ranks.all_gather(tensor)
+
+    def broadcast_(self, tensor: Tensor, src: int) -> Tensor:
+        return self._ranks.broadcast_(tensor, src)
+
+    def reduce_(self, tensor: Tensor, dst: int) -> Tensor:
+        return self._ranks.reduce_(tensor, dst)
 
     def say_once(self, key: str, message: str) -> None:
         """A RuntimeWarning, once per ``key`` over the run."""

@@ -207,3 +207,68 @@ def gradient_matrices(discovery: WatchedLayers, scale: float | Tensor | None = N
     return mats, idx
 
 
+
+
+@dataclass(frozen=True)
+class GradientShard:
+    """This rank's part of one watched gradient matrix, read without a collective.
+
+    Attributes:
+        stored: the rank's rows of the stored gradient as a 2-D view (conv kernels flattened): the local
+            shard of an FSDP2 (row-sharded) DTensor, or the whole gradient; None where this rank has no
+            gradient for it.
+        stored_rows: how many stored rows this rank holds (from the parameter, gradient or not).
+        shape: the stored 2-D shape (a, b) of the whole parameter.
+        rows, cols: the watched block's row and column ranges in the stored matrix
+            (:func:`gradwatch.functional.gram_shards.watched_block`).
+        sharded: the rows are spread over the ranks (in rank order); False: every rank holds them all.
+    """
+
+    stored: Tensor | None
+    stored_rows: int
+    shape: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    sharded: bool
+
+
+def _row_sharded(t: Any, world_size: int) -> bool:
+    """A DTensor sharded on dim 0 over a 1-D mesh of all ``world_size`` ranks (what FSDP2 makes)."""
+    if not hasattr(t, "to_local") or not hasattr(t, "placements"):
+        return False
+    try:
+        from torch.distributed.tensor import Shard
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return False
+    mesh = t.device_mesh
+    return (mesh.ndim == 1 and mesh.size() == world_size and len(t.placements) == 1
+            and t.placements[0] == Shard(0))
+
+
+def gradient_shards(discovery: WatchedLayers, world_size: int) -> list[GradientShard]:
+    """Each watched matrix's :class:`GradientShard` (in discovery order): a row-sharded DTensor gradient
+    stays a local shard (never made whole); any other DTensor layout is made whole with ``full_tensor()``
+    (a collective, run for the same parameters on every rank); plain tensors are read as they are."""
+    from gradwatch.functional.gram_shards import watched_block
+
+    out: list[GradientShard] = []
+    for w in discovery.matrices:
+        p = discovery.params[w.param_name]
+        g = p.grad
+        sharded = _row_sharded(p, world_size)
+        if sharded:
+            local = p.to_local()
+            stored_rows = local.shape[0]
+            shape = (p.shape[0], int(torch.Size(p.shape[1:]).numel()))
+            stored = None if g is None else g.to_local().detach().reshape(stored_rows, shape[1])
+        else:
+            if g is not None and hasattr(g, "full_tensor"):
+                g = g.full_tensor()
+            if g is not None and g.is_sparse:
+                g = g.to_dense()
+            stored = None if g is None else (g.detach() if g.ndim == 2 else g.detach().reshape(g.shape[0], -1))
+            shape = (p.shape[0], int(torch.Size(p.shape[1:]).numel()))
+            stored_rows = shape[0]
+        rows, cols = watched_block(shape, w.block, w.transpose)
+        out.append(GradientShard(stored, stored_rows, shape, rows, cols, sharded))
+    return out

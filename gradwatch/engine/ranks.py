@@ -61,6 +61,26 @@ class Ranks:
         dist.all_gather(out, padded)
         return [o[:int(s.item())].to(tensor.device) for o, s in zip(out, sizes)]
 
+    def broadcast_(self, tensor: Tensor, src: int) -> Tensor:
+        """``tensor`` overwritten with rank ``src``'s (in place; every rank passes one of the same shape)."""
+        if not self.distributed:
+            return tensor
+        work = tensor if tensor.device == self._device() else tensor.to(self._device())
+        torch.distributed.broadcast(work, src=src)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
+    def reduce_(self, tensor: Tensor, dst: int) -> Tensor:
+        """The sum over ranks of ``tensor``, in place on rank ``dst`` (left unspecified elsewhere)."""
+        if not self.distributed:
+            return tensor
+        work = tensor if tensor.device == self._device() else tensor.to(self._device())
+        torch.distributed.reduce(work, dst=dst, op=torch.distributed.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
     def any(self, flags: Tensor) -> Tensor:
         """Element-wise: whether the flag is set on any rank (decisions taken together)."""
         return self.all_reduce(flags.to(torch.int32), "max").bool() if self.distributed else flags.bool()

@@ -41,7 +41,7 @@ from gradwatch.engine.probe import ProbeSet
 from gradwatch.engine.ranks import Ranks
 from gradwatch.engine.sinks import Sink
 from gradwatch.engine.state import STATE_VERSION, diagnostic_key, load_watcher_state, watcher_state
-from gradwatch.metrics.base import ChartGroup, Diagnostic
+from gradwatch.metrics.base import ChartGroup, Diagnostic, LayersFailed
 from gradwatch.registry import BuildInputs, families
 
 __all__ = ["BUDGETED_SHARE_WITHOUT_BUDGET", "STATE_VERSION", "GradWatchAlert", "GradWatchError", "Watcher"]
@@ -303,6 +303,11 @@ class Watcher:
             t0 = self.clock()
             try:
                 d.observe(ctx)
+            except LayersFailed as exc:  # its update holds gaps for those layers; the rest of it stands
+                before = i in self._failed
+                self._fail(i, exc)
+                if not before:
+                    self._failed.discard(i)
             except Exception as exc:  # a diagnostic never kills training unless strict
                 failed[k] = True
                 self._fail(i, exc)

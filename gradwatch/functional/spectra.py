@@ -252,6 +252,46 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
     return out, nonfinite
 
 
+def _gram_spectrum(gram: Tensor) -> tuple[Tensor | None, float]:
+    """Descending singular values from one float64 Gram matrix (s_i = sqrt(lambda_i)), and tr G = ||X||_F^2;
+    None when the trace is not finite. The Gram is overwritten (it is scratch for the caller)."""
+    frobenius_sq = float(torch.diagonal(gram).sum())
+    if not math.isfinite(frobenius_sq):
+        return None, frobenius_sq
+    if gram.device.type == "cpu":
+        eig = torch.from_numpy(_lapack.eigvalsh(gram.numpy(), overwrite=True).copy())
+    else:
+        eig = torch.linalg.eigvalsh(gram).cpu()
+    return eig.flip(0).clamp_min(0).sqrt(), frobenius_sq
+
+
+def gram_spectrum_statistics(grams: Sequence[Tensor],
+                             stats: Sequence[str] = STATISTICS) -> tuple[dict[str, Tensor], Tensor]:
+    """Spectrum statistics of matrices X given by their float64 Gram matrices (X^T X or X X^T, either: the
+    nonzero eigenvalues are the same), as :func:`gradient_spectrum_statistics` returns them for X.
+
+    s_i = sqrt(max(lambda_i(G), 0)) and ||X||_F^2 = tr G (exact in float64). For Grams assembled without the
+    matrix, e.g. from row shards (:mod:`gradwatch.functional.gram_shards`). A non-finite Gram gives NaN
+    statistics and a True flag. The Grams are used as scratch (overwritten). Returns CPU tensors.
+    """
+    if not grams:
+        empty = torch.empty(0, dtype=torch.float64)
+        return {name: empty for name in stats}, torch.empty(0, dtype=torch.bool)
+    results = _concurrently(_gram_spectrum, list(grams), lambda g: float(g.shape[0]) ** 3)
+    out = {name: torch.full((len(grams),), math.nan, dtype=torch.float64) for name in stats}
+    bad = torch.tensor([s is None for s, _ in results], dtype=torch.bool)
+    by_rank: dict[int, list[int]] = {}
+    for j, (s, _) in enumerate(results):
+        if s is not None:
+            by_rank.setdefault(len(s), []).append(j)
+    for js in by_rank.values():
+        values = spectrum_statistics(torch.stack([results[j][0] for j in js]),  # type: ignore[misc]
+                                     torch.tensor([results[j][1] for j in js], dtype=torch.float64), stats)
+        for name, v in values.items():
+            out[name][js] = v
+    return out, bad
+
+
 def cross_layer_mad(values: Tensor) -> Tensor:
     """Mean absolute difference between consecutive layers of one layer family.
 

@@ -25,6 +25,9 @@ Capabilities (``needs``), each a cached accessor of :class:`StepContext`:
 
 - ``"gradients"``: the watched matrices' true gradients (unscaled, pre-clip; DTensor shards made whole on
   every rank, a collective the engine runs on every rank);
+- ``"gradient_shards"``: :meth:`StepContext.gradient_shards`, this rank's part of each watched gradient
+  without a collective (an FSDP2 row shard stays a shard; under DDP or one process, the whole gradient);
+  with :meth:`StepContext.broadcast_` and :meth:`StepContext.reduce_` to combine them;
 - ``"probe"``: the shared, seeded probe set, with :meth:`StepContext.extra_pass` (eval mode, RNG forked,
   math SDPA kernel, float32 copies swapped in for bf16/fp16 models, grad on or off);
 - ``"optimizer"``: the torch optimizer behind host wrappers (its state is per rank: shards under FSDP2);
@@ -67,9 +70,9 @@ from gradwatch.cadence import Cadence
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
-Capability = Literal["gradients", "probe", "optimizer", "weights_before", "activations", "loss", "micro_batches",
+Capability = Literal["gradients", "gradient_shards", "probe", "optimizer", "weights_before", "activations", "loss", "micro_batches",
                      "logged"]
-CAPABILITIES: tuple[str, ...] = ("gradients", "probe", "optimizer", "weights_before", "activations", "loss",
+CAPABILITIES: tuple[str, ...] = ("gradients", "gradient_shards", "probe", "optimizer", "weights_before", "activations", "loss",
                                  "micro_batches", "logged")
 RunsOn = Literal["rank_zero", "all_ranks"]
 Phase = Literal["gradients_ready", "step_end"]
@@ -233,6 +236,12 @@ class StepContext(Protocol):
 
     def gradients(self) -> tuple[list[Tensor], list[int]]: ...
 
+    def gradient_shards(self) -> Sequence[Any]:
+        """``gradwatch.engine.layers.GradientShard`` of each watched matrix, in ``watched`` order."""
+
+    @property
+    def grad_scale(self) -> float | None: ...
+
     def probe(self) -> ProbeAccess: ...
 
     def extra_pass(self, *, grad: bool = True, float32: bool = True) -> Any:
@@ -256,8 +265,24 @@ class StepContext(Protocol):
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]: ...
 
+    def broadcast_(self, tensor: Tensor, src: int) -> Tensor: ...
+
+    def reduce_(self, tensor: Tensor, dst: int) -> Tensor: ...
+
 
 # ---- the diagnostic -----------------------------------------------------------------------------
+
+
+class LayersFailed(Exception):
+    """Raised by ``observe`` after it recorded its update with some layers left as gaps (NaN for this
+    observation) because computing them failed on this rank, every collective having been completed: the
+    engine warns once (raises when strict) and keeps the rest of the interval. ``layer`` names the first
+    failed layer; ``cause`` is the original exception."""
+
+    def __init__(self, message: str, layer: str | None = None, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.cause = cause
 
 
 class Diagnostic(Metric):
@@ -344,5 +369,5 @@ def tensors_to(value: Any, device: torch.device | str) -> Any:
 
 
 __all__ = ["CAPABILITIES", "ActivationSite", "Alert", "Capability", "Chart", "ChartGroup", "Diagnostic",
-           "Heatmap", "Phase", "ProbeAccess", "Results", "RunsOn", "Severity", "StepContext", "Watched",
+           "Heatmap", "LayersFailed", "Phase", "ProbeAccess", "Results", "RunsOn", "Severity", "StepContext", "Watched",
            "tensors_to"]

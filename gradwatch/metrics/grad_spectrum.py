@@ -18,7 +18,8 @@ from torch import Tensor
 from gradwatch.cadence import Cadence, as_cadence
 from gradwatch.checks import check_bool, check_choice, check_int, fail
 from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
-from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, Results, StepContext
+from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, LayersFailed, Results, StepContext
+from gradwatch.metrics.spectra_ranks import spread_spectra
 from gradwatch.registry import BuildInputs, Family
 
 SPECTRUM_STATS: tuple[str, ...] = STATISTICS
@@ -48,6 +49,10 @@ class SpectraConfig:
             per layer, logged as ``grad_spectrum/per_example/<stat>/<param>``.
         per_example_every: cadence of the per-example mode.
         per_example_size: how many probe examples the per-example mode uses.
+        shard_buffer_bytes: the most extra memory, beyond the largest layer's Gram matrix, that spectra
+            spread over ranks hold per rank (float64 chunks of FSDP2 shards, owned Grams waiting for their
+            solve): larger means fewer, bigger collectives. Under DDP or one process each owner holds a
+            float64 copy and the Gram of the layers it is solving, as before.
     """
 
     every: int | Cadence = 50
@@ -60,6 +65,7 @@ class SpectraConfig:
     per_example: bool = False
     per_example_every: int | Cadence = 500
     per_example_size: int = 16
+    shard_buffer_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "every", as_cadence("SpectraConfig.every", self.every))
@@ -79,6 +85,7 @@ class SpectraConfig:
         object.__setattr__(self, "per_example_every",
                            as_cadence("SpectraConfig.per_example_every", self.per_example_every))
         check_int("SpectraConfig.per_example_size", self.per_example_size, minimum=1)
+        check_int("SpectraConfig.shard_buffer_bytes", self.shard_buffer_bytes, minimum=4096)
         for name in ("mad", "per_example"):
             check_bool(f"SpectraConfig.{name}", getattr(self, name))
         for name in ("embeddings", "output_head"):
@@ -94,7 +101,8 @@ def _build(config: SpectraConfig, inputs: BuildInputs) -> list[Diagnostic]:
     tags = [w.tag for w in watched]
     families = [w.family for w in watched]
     out: list[Diagnostic] = [GradSpectrum(tags, families, config.stats, config.method, config.mad,
-                                          config.every, config.heatmap_every)]
+                                          config.every, config.heatmap_every,
+                                          shard_buffer_bytes=config.shard_buffer_bytes)]
     if config.per_example:
         out.append(PerExampleGradSpectrum(tags, families, config.stats, config.method, mad=False,
                                           every=config.per_example_every, heatmap_every=None,
@@ -105,7 +113,8 @@ def _build(config: SpectraConfig, inputs: BuildInputs) -> list[Diagnostic]:
 FAMILY = Family(key="spectra", stem="grad_spectrum", config_class=SpectraConfig, default_on=True, build=_build,
                 report="gradwatch.integrations.report.page:spectra_section",
                 summary="singular-value statistics of every watched layer's gradient",
-                knobs=("method", "heatmap_every", "per_example", "per_example_every", "per_example_size"))
+                knobs=("method", "heatmap_every", "per_example", "per_example_every", "per_example_size",
+                       "shard_buffer_bytes"))
 
 
 class GradSpectrum(Diagnostic):
@@ -116,16 +125,27 @@ class GradSpectrum(Diagnostic):
     layer, ``grad_spectrum/mad/<stat>/<family>`` for every family of two or more layers, and
     ``grad_spectrum/nonfinite_layers`` (mean number of layers per update whose gradient had an inf/NaN).
     States are sums, so a non-finite layer-step is left out of its layer's mean rather than poisoning it.
+
+    Ranks (:mod:`gradwatch.metrics.spectra_ranks`): every rank observes; each layer has one owner rank
+    (balanced by cost) that computes its statistics, and an FSDP2-sharded gradient is never gathered (its
+    Gram is assembled from the shards). With more than one rank it also logs
+    ``grad_spectrum/extra_memory_bytes``: the most extra memory one rank allocated for it (max over the
+    interval). A layer whose computation fails on one rank is a gap at that step; the others stand.
     """
 
     stem = "grad_spectrum"
-    needs = frozenset({"gradients"})
+    needs = frozenset({"gradient_shards"})
+    runs_on = "all_ranks"  # the layers are shared out: every rank enters the same collectives
     prefix = "grad_spectrum"
 
     def __init__(self, tags: Sequence[str], families: Sequence[str], stats: Sequence[str],
                  method: SpectrumMethod = "gram", mad: bool = True, every: Cadence | int = 50,
-                 heatmap_every: Cadence | None = None, **kwargs: Any) -> None:
+                 heatmap_every: Cadence | None = None, shard_buffer_bytes: int = 16 * 2**20,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.shard_buffer_bytes = int(shard_buffer_bytes)
+        self.owners: list[int] = []  # each layer's owner rank at the last observation (-1: no gradient)
+        self.spread_over_ranks = False
         if len(tags) != len(families):
             raise ValueError(f"gradwatch: got {len(tags)} tags but {len(families)} families")
         self.tags = tuple(tags)
@@ -140,6 +160,7 @@ class GradSpectrum(Diagnostic):
         self.add_state("count", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
         self.add_state("nonfinite", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
         self.add_state("updates", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("extra_bytes", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max", persistent=False)
         groups: dict[str, list[int]] = {}
         for i, fam in enumerate(self.families):
             groups.setdefault(fam, []).append(i)
@@ -149,19 +170,37 @@ class GradSpectrum(Diagnostic):
         return self._every
 
     def observe(self, ctx: StepContext) -> None:
-        matrices, indices = ctx.gradients()
-        self.update(matrices, indices)
+        spread = spread_spectra(ctx, self.stats, self.method, self.shard_buffer_bytes)
+        self.owners = spread.owners
+        self.spread_over_ranks = ctx.world_size > 1
+        idx = [j for j in range(len(self.tags)) if bool(spread.present[j])]
+        self.update([], idx, values=spread.values[:, idx], nonfinite=spread.nonfinite[idx],
+                    extra_bytes=spread.peak_bytes)
+        if spread.errors:
+            j, exc = spread.errors[0]
+            raise LayersFailed(f"computing {len(spread.failed)} layer(s) failed on rank {ctx.rank} (a gap at "
+                               f"this step; the other layers are logged): {exc!r}", layer=self.tags[j], cause=exc)
 
-    def update(self, matrices: Sequence[Tensor], indices: Sequence[int] | None = None) -> None:  # type: ignore[override]
-        """Add one update: the gradient matrices of the layers at ``indices`` (default: all, in order)."""
+    def update(self, matrices: Sequence[Tensor], indices: Sequence[int] | None = None, *,  # type: ignore[override]
+               values: Tensor | None = None, nonfinite: Tensor | None = None,
+               extra_bytes: float | None = None) -> None:
+        """Add one update: the gradient matrices of the layers at ``indices`` (default: all, in order), or
+        their statistics already computed (``values`` (stats, layers), NaN for a gap; ``nonfinite`` flags)."""
+        if extra_bytes is not None:
+            self.extra_bytes = torch.maximum(self.extra_bytes, torch.tensor(float(extra_bytes),
+                                             dtype=self.extra_bytes.dtype, device=self.extra_bytes.device))
         if indices is None:
             indices = range(len(matrices))
-        if len(matrices) == 0:
+        if len(indices) == 0:
             self.updates += 1
             return
-        values, bad = gradient_spectrum_statistics(matrices, self.stats, self.method)
+        if values is None:
+            computed, bad = gradient_spectrum_statistics(matrices, self.stats, self.method)
+            values = torch.stack([computed[s] for s in self.stats])
+        else:
+            bad = nonfinite if nonfinite is not None else torch.zeros(values.shape[1], dtype=torch.bool)
         # the states' dtype may have been changed with .to(dtype) / set_dtype
-        stacked = torch.stack([values[s] for s in self.stats]).to(self.total.device, self.total.dtype)
+        stacked = values.to(self.total.device, self.total.dtype)
         idx = torch.as_tensor(list(indices), device=self.total.device)
         finite = torch.isfinite(stacked)
         self.total.index_add_(1, idx, torch.where(finite, stacked, torch.zeros_like(stacked)))
@@ -185,6 +224,8 @@ class GradSpectrum(Diagnostic):
                     out[f"{self.prefix}/mad/{stat}/{fam}"] = cross_layer_mad(mean[s, rows])
         if self.prefix == "grad_spectrum":
             out["grad_spectrum/nonfinite_layers"] = self.nonfinite / self.updates.clamp_min(1)
+            if self.spread_over_ranks:
+                out["grad_spectrum/extra_memory_bytes"] = self.extra_bytes.clone()
         return out
 
     def failed_result(self) -> Results:
