@@ -83,7 +83,7 @@ def _candidates(model: nn.Module, embeddings: bool, output_head: bool) -> list[t
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        cls = type(module).__name__
+        classes = {c.__name__ for c in type(module).__mro__}  # FSDP2 subclasses each sharded module (FSDPConv1D)
         short = mod_name.rsplit(".", 1)[-1]
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             name = prefix + "in_proj_weight"
@@ -100,7 +100,7 @@ def _candidates(model: nn.Module, embeddings: bool, output_head: bool) -> list[t
             found.append((prefix + "weight", module.weight, WatchedMatrix(prefix + "weight", prefix + "weight", "linear")))
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             found.append((prefix + "weight", module.weight, WatchedMatrix(prefix + "weight", prefix + "weight", "conv")))
-        elif cls == "Conv1D" and hasattr(module, "nf"):  # GPT-2's transposed linear (transformers.pytorch_utils)
+        elif "Conv1D" in classes and hasattr(module, "nf"):  # GPT-2's transposed linear (transformers.pytorch_utils)
             name = prefix + "weight"
             n_in, n_out = module.weight.shape
             # self-attention c_attn is (E, 3E): q, k, v; cross-attention c_attn is (E, 2E): k, v (q is q_attn)
