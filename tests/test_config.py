@@ -184,6 +184,12 @@ def test_spectra_per_example_size() -> None:
         SpectraConfig(per_example_size=0)
 
 
+def test_spectra_shard_buffer_bytes() -> None:
+    assert SpectraConfig().shard_buffer_bytes == 16 * 2**20
+    with pytest.raises(ValueError, match=_msg("SpectraConfig.shard_buffer_bytes", "an int >= 4096", 100)):
+        SpectraConfig(shard_buffer_bytes=100)
+
+
 # ---- SharpnessConfig -------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,8 @@ Modes:
     writes what happened to ``deadlock_rank<r>.json`` and exits non-zero. Run it under ``timeout 90``.
 ``gradwatch``
     GradWatch (spectra every step, sharpness every 2) under FSDP2, twice in one launch: ``clean``
-    (``on_error="raise"``) and ``faulty`` (``on_error="warn"``; GradSpectrum raises on rank 0 at step 3, the
+    (``on_error="raise"``) and ``faulty`` (``on_error="warn"``; GradSpectrum's share on rank 0 (the owner solve of its
+    layers) raises at step 3, the
     sharpness probe forward raises on rank 1 at step 4, inside the sharded modules). Writes
     ``OUTDIR/<run>/rank<r>.pt`` (full final weights, gradwatch's warnings) and rank 0's TensorBoard run
     ``OUTDIR/<run>/tb/version_0``.
@@ -466,7 +467,7 @@ def compare(out_dir: str) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 SHARPNESS_EVERY = 2
-FAIL_SPECTRA_STEP, FAIL_SPECTRA_RANK = 3, 0  # a rank-zero diagnostic raising on rank 0 only
+FAIL_SPECTRA_STEP, FAIL_SPECTRA_RANK = 3, 0  # GradSpectrum's share (all ranks, layers spread) raising on rank 0
 FAIL_SHARPNESS_STEP, FAIL_SHARPNESS_RANK = 4, 1  # an all-ranks one raising on rank 1 only, mid-forward
 GW_MODES = ("clean", "faulty")
 
@@ -523,8 +524,9 @@ class RunRecord(Callback):
 
 
 class FaultInjector(Callback):
-    """Makes gradwatch fail on one rank only: GradSpectrum's observe raises on ``FAIL_SPECTRA_RANK`` at
-    ``FAIL_SPECTRA_STEP``, and the probe forward of Sharpness raises on ``FAIL_SHARPNESS_RANK`` at
+    """Makes gradwatch fail on one rank only: GradSpectrum's share on ``FAIL_SPECTRA_RANK`` (the statistics of
+    the layers it owns, ``gradwatch.metrics.spectra_ranks.owned_statistics``) raises at ``FAIL_SPECTRA_STEP``,
+    and the probe forward of Sharpness raises on ``FAIL_SHARPNESS_RANK`` at
     ``FAIL_SHARPNESS_STEP`` in a forward pre-hook of the second sharded Linear, which runs after FSDP's own
     pre-forward (registered with ``prepend=True``): that module and the root are left mid-forward, FSDP's
     post-forward never runs. Put it after GradWatch in ``callbacks``."""
@@ -534,7 +536,7 @@ class FaultInjector(Callback):
         self.handle = None
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-        from gradwatch.metrics.grad_spectrum import GradSpectrum
+        from gradwatch.metrics import spectra_ranks
 
         rank = trainer.global_rank
 
@@ -544,20 +546,21 @@ class FaultInjector(Callback):
                 raise RuntimeError(f"injected: probe forward fails on rank {rank}")
 
         self.handle = pl_module.net[2].register_forward_pre_hook(pre_hook)
-        for d in self.gw.watcher.diagnostics:
-            if type(d) is GradSpectrum:
-                original = d.observe
+        original = spectra_ranks.owned_statistics
 
-                def observe(ctx, original=original) -> None:  # noqa: ANN001
-                    if ctx.step == FAIL_SPECTRA_STEP and rank == FAIL_SPECTRA_RANK:
-                        raise RuntimeError(f"injected: spectra fail on rank {rank}")
-                    original(ctx)
+        def owned_statistics(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if trainer.global_step + 1 == FAIL_SPECTRA_STEP and rank == FAIL_SPECTRA_RANK:
+                raise RuntimeError(f"injected: spectra fail on rank {rank}")
+            return original(*args, **kwargs)
 
-                d.observe = observe
+        self.restore = (spectra_ranks, original)
+        spectra_ranks.owned_statistics = owned_statistics
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         if self.handle is not None:
             self.handle.remove()
+        module, original = self.restore
+        module.owned_statistics = original
 
 
 def _gw_trainer(out_dir: str, callbacks: list, distributed: bool, steps: int = STEPS) -> L.Trainer:

@@ -180,10 +180,9 @@ def main(argv: list[str]) -> int:
     into ``OUT/<WORLD>/``; gradwatch is imported once, here, before the ranks are forked."""
     import socket
 
-    import torch.multiprocessing as mp
-
     # imported and warmed once, in the parent, so that no forked rank pays for it
     import torch._dynamo  # noqa: F401 - DistributedDataParallel imports it (3 s)
+    import torch.multiprocessing as mp
     from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
