@@ -209,9 +209,7 @@ class _Spread:
         layers = [j for j, _ in held]
         try:
             values, bad = owned_statistics([g for _, g in held], self.stats)
-            for k, j in enumerate(layers):
-                self.values[:, j] = torch.stack([values[s][k] for s in self.stats]).cpu()
-                self.nonfinite[j] = float(bad[k])
+            self._store(layers, values, bad)
         except Exception as exc:
             self.fail(layers, exc)
         for _, g in held:
@@ -233,11 +231,16 @@ class _Spread:
             # a float64 copy and a Gram per matrix in flight, one per worker thread at a time
             self.bytes.take(sum(heapq.nlargest(max(1, torch.get_num_threads()), sizes)))
             values, bad = local_statistics(mats, self.stats, self.method)
-            for k, j in enumerate(layers):
-                self.values[:, j] = torch.stack([values[s][k] for s in self.stats]).cpu()
-                self.nonfinite[j] = float(bad[k])
+            self._store(layers, values, bad)
         except Exception as exc:
             self.fail(layers, exc)
+
+    def _store(self, layers: list[int], values: dict[str, Tensor], bad: Tensor) -> None:
+        """Owned layers' statistics into the table (one device-to-host transfer)."""
+        table = torch.cat([torch.stack([values[s] for s in self.stats]), bad[None].to(torch.float64)]).cpu()
+        index = torch.tensor(layers)
+        self.values[:, index] = table[:-1]
+        self.nonfinite[index] = table[-1]
 
     # ---- every rank's results on every rank -----------------------------------------------------------
 
