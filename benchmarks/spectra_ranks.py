@@ -153,7 +153,7 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; GPT-2-shaped: {args.layers} layers, n_embd {args.embd}, "
           f"vocab 50257; batch {args.batch} x {args.seq} tokens; {args.steps} steps (the first is warm-up); "
-          "1 thread per rank")
+          f"1 thread per rank; load average {os.getloadavg()[0]:.2f}")
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as out:
         for mode in args.modes.split(","):
