@@ -5,7 +5,8 @@ A GPT-2-shaped model (``transformers.GPT2Config``, built from the config: nothin
 n_embd 512, 8 heads, GPT-2's vocabulary) trains a few SGD steps on seeded token batches; gradwatch's Watcher
 runs the spectra family alone at every step (24 watched matrices: q/k/v split, attention out, MLP in/out). Each
 rank runs ``torch.set_num_threads(1)``, and so does the one-rank baseline. For every step after the first
-(warm-up) the spectra time of each rank is measured around ``GradSpectrum.observe`` as wall time
+(warm-up) the spectra time of each rank is measured around ``GradSpectrum.observe``, entered by all ranks
+together (an untimed barrier first, so no rank's figure holds the wait for another's backward), as wall time
 (``time.perf_counter``) and as the thread's CPU time (``time.thread_time``); a step's figure is the slowest
 rank's, and a run's the median over its steps. The extra memory is what the spectra code itself allocated on
 a rank at its peak (float64 Grams, chunks of shards, float64 copies; gloo's own buffers are not counted), the
@@ -84,6 +85,7 @@ def rank_main(rank: int, world: int, mode: str, port: int, args: argparse.Namesp
     observe = spectrum.observe
 
     def timed(ctx):  # noqa: ANN001, ANN202
+        dist.barrier()  # untimed: the ranks start together, so no rank's time holds another's late backward
         w0, c0 = time.perf_counter(), time.thread_time()
         observe(ctx)
         rec["wall"].append(time.perf_counter() - w0)

@@ -41,6 +41,7 @@ class SpectraConfig:
             ~sqrt(eps32) * s_1 = 3e-4 * s_1 is lost in rounding, so nuclear norm and effective rank
             of rank-deficient or ill-conditioned gradients can be off by 1e-3 to 1e-1;
             ``"svdvals"``: ``torch.linalg.svdvals`` in float64, batched (the reference).
+            An FSDP2-sharded gradient always takes the float64 Gram, assembled from the shards.
         mad: log the cross-layer mean absolute difference of each statistic per layer family.
         heatmap_every: cadence of the layer-by-step heatmap images (0 turns them off).
         embeddings, output_head: deprecated here; use ``WatchConfig(embeddings=..., output_head=...)``,
