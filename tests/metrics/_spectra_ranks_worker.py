@@ -4,7 +4,8 @@ hand-written loop (no host), and save ``OUT/<WORLD>/rank<r>.pt``.
 
 The model holds every kind of watched view: ``nn.MultiheadAttention`` (in_proj (18, 6): its k block straddles
 the two ranks' shards), GPT-2's ``Conv1D`` stored (in, out) (the fused ``c_attn``: q/k/v are columns of the
-stored shard; ``c_proj``), a wide Linear (rows Gram) and a tall one (columns Gram). Modes:
+stored shard; ``c_proj``), a wide Linear (rows Gram), a tall one (columns Gram) and a square one whose Gram is
+over half the cap (solved by its owner at once instead of beside the other owners). Modes:
 
 - ``ddp``: DistributedDataParallel; ``fsdp2``: ``fully_shard`` on each layer and the root (with 4 ranks some
   shards are empty). Each step, after the Watcher's step and outside it, the full gradients (``full_tensor()``
@@ -51,11 +52,13 @@ class Net(nn.Module):
         self.c_attn = Conv1D(18, 6)
         self.wide = nn.Linear(18, 5)
         self.tall = nn.Linear(5, 11)
-        self.c_proj = Conv1D(6, 11)
+        self.square = nn.Linear(11, 20)  # its Gram (3200 bytes) is over CAP / 2: its owner solves it at once
+        self.c_proj = Conv1D(6, 20)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attn(x, x, x, need_weights=False)[0]
-        return self.c_proj(torch.tanh(self.tall(torch.tanh(self.wide(self.c_attn(h))))))
+        h = torch.tanh(self.tall(torch.tanh(self.wide(self.c_attn(h)))))
+        return self.c_proj(torch.tanh(self.square(h)))
 
 
 def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +112,7 @@ def run(mode: str, rank: int, world: int, calls: list[int]) -> dict:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (world,))
-        for m in (model.attn, model.c_attn, model.wide, model.tall, model.c_proj):
+        for m in (model.attn, model.c_attn, model.wide, model.tall, model.square, model.c_proj):
             fully_shard(m, mesh=mesh)
         wrapped = fully_shard(model, mesh=mesh)
     else:

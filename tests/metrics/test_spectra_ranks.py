@@ -54,14 +54,15 @@ CASES = [(2, "ddp_fail"), (2, "fsdp2_fail"), (4, "fsdp2")]
 def test_values_equal_one_process_on_the_same_gradients(runs, world, mode):
     ranks = [r[mode] for r in runs[world]]
     zero = ranks[0]
-    assert len(zero["tags"]) == 10  # MHA q/k/v/out, GPT-2 c_attn q/k/v (FSDP2-wrapped Conv1D too), wide, tall, c_proj
+    # MHA q/k/v/out, GPT-2 c_attn q/k/v (FSDP2-wrapped Conv1D too), wide, tall, square, c_proj
+    assert len(zero["tags"]) == 11
     checked = 0
     for t in (1, 4):  # steps where nothing fails
         checked += _check(zero["logged"][t], zero["reference"][t], set())
         for r in ranks[1:]:  # every rank holds the same results (rank zero's are written)
             ours = {k: v for k, v in zero["logged"][t].items() if k.startswith("grad_spectrum/")}
             assert {k: r["logged"][t][k] for k in ours} == pytest.approx(ours, rel=1e-12)
-    assert checked == 2 * 10 * 6
+    assert checked == 2 * 11 * 6
 
 
 @pytest.mark.slow
