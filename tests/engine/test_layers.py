@@ -11,6 +11,7 @@ from torch import nn
 from gradwatch.engine.layers import (
     discover_matrices,
     gradient_matrices,
+    gradient_shards,
     layer_family,
     layer_index,
     unwrap_model,
@@ -145,6 +146,23 @@ def test_gpt2_matrices_after_backward() -> None:
     assert by_tag["transformer.h.0.mlp.c_proj.weight"].shape == (32, 128)
     assert torch.equal(by_tag["transformer.h.0.mlp.c_proj.weight"], g_proj.t())
     assert torch.equal(by_tag["transformer.h.0.attn.c_proj.weight"], model.transformer.h[0].attn.c_proj.weight.grad.t())
+
+
+def test_gradient_shards_of_plain_gradients_are_the_watched_blocks_of_the_stored_ones() -> None:
+    # one process (or DDP): every "shard" is the whole stored gradient; its watched block, in the stored
+    # orientation, is the watched (out, in) matrix or its transpose (GPT-2's Conv1D), views without a copy
+    model = gpt2()
+    d = discover_matrices(model)
+    lm_backward(model)
+    mats, _ = gradient_matrices(d)
+    shards = gradient_shards(d, world_size=1)
+    assert len(shards) == len(d.matrices) == len(mats)
+    for w, m, s in zip(d.matrices, mats, shards):
+        grad = d.params[w.param_name].grad
+        assert not s.sharded and s.stored_rows == grad.shape[0] and s.shape == tuple(grad.shape)
+        block = s.stored[s.rows[0]:s.rows[1], s.cols[0]:s.cols[1]]
+        assert torch.equal(block.t() if w.transpose else block, m), w.tag
+        assert block.data_ptr() == m.data_ptr()
 
 
 def test_gpt2_tied_head_opt_in() -> None:
