@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -63,6 +63,16 @@ _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (workers, pid, pool)
 _BLAS: ThreadpoolController | None = None
 
 
+def single_threaded_blas() -> Any:
+    """A context in which numpy's and SciPy's BLAS run on one thread (the caller's, so its CPU time is the
+    work's, and no BLAS worker spins beside torch's threads)."""
+    global _BLAS
+    if _BLAS is None:
+        _lapack.lapack_available()  # load SciPy's BLAS first, so the controller sees it too
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _concurrently(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], float]) -> list[R]:
     """``[fn(x) for x in items]``, spread over ``torch.get_num_threads()`` worker threads, BLAS single-threaded.
 
@@ -71,12 +81,9 @@ def _concurrently(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], 
     threads. Limiting BLAS to one thread also keeps OpenBLAS workers from spinning beside torch's. Items
     start in order of decreasing ``cost`` so no core is left with a large one at the end.
     """
-    global _POOL, _BLAS
-    if _BLAS is None:
-        _lapack.lapack_available()  # load SciPy's BLAS first, so the controller sees it too
-        _BLAS = ThreadpoolController()
+    global _POOL
     workers = max(1, torch.get_num_threads())
-    with _BLAS.limit(limits=1, user_api="blas"):
+    with single_threaded_blas():
         if workers < 2 or len(items) < 2:
             return [fn(x) for x in items]
         if _POOL is None or _POOL[:2] != (workers, os.getpid()):

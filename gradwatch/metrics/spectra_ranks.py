@@ -22,6 +22,7 @@ owned Grams waiting for their solve (held only while they fit in ``cap / 2``) an
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,13 +169,15 @@ class _Spread:
         rows = chunk_rows(q, 8, self.cap // 4)
         if side == "columns":
             if mine is not None:
+                block = max(1, min(256, math.isqrt(self.cap // 64)))  # mirroring's two temps: 2 block^2 floats
+                chunk = max(min(rows, hi - lo) * q, 2 * min(block, q) ** 2) * 8  # a chunk, or those temps after
                 try:
-                    self.bytes.take(min(rows, hi - lo) * q * 8)
-                    add_column_gram(gram, mine, rows, self.scale)
+                    self.bytes.take(chunk)
+                    add_column_gram(gram, mine, rows, self.scale, block)
                 except Exception as exc:
                     bad = exc
                 finally:
-                    self.bytes.give(min(rows, hi - lo) * q * 8)
+                    self.bytes.give(chunk)
         else:
             for r in range(self.world):
                 r_lo, r_hi, r_off = self._piece(j, r)
