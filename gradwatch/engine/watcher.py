@@ -83,8 +83,10 @@ class Watcher:
         cfg = self.config
         self.alerts = AlertGate(cfg.alert_cooldown, cfg.on_alert, strict=cfg.on_error == "raise", ranks=self.ranks,
                                 say_once=self._warn_once)
-        self.budget = OverheadBudget(cfg.max_overhead, self.clock, self.ranks, say_once=self._warn_once,
-                                     describe=self._describe)
+        if not hasattr(self, "budget"):  # kept across runs: an adapter's counting() block may be open
+            self.budget = OverheadBudget(cfg.max_overhead, self.clock, self.ranks, say_once=self._warn_once,
+                                         describe=self._describe)
+        self.budget.reset()
         # the step in flight
         self._step: int | None = None
         self._running: list[int] = []
@@ -113,7 +115,7 @@ class Watcher:
         t0 = self.clock()
         self._disarm()
         self._new_run()
-        self.budget.wall_start = t0  # attach's own time counts in both numerator and denominator
+        self.budget.wall_start = self.budget.started(t0)  # attach's own time counts in both numerator and denominator
         self.ranks.refresh()
         self.model = unwrap_model(model)
         self.sinks = list(sinks) if self.is_rank_zero else []
@@ -345,6 +347,10 @@ class Watcher:
 
     def _spent_in_hooks(self, seconds: float) -> None:
         self.budget.spent_in_hooks(seconds)
+
+    def counting(self, warmup: bool = False) -> Any:
+        """A block whose whole time is gradwatch's (:meth:`OverheadBudget.counting`): hosts wrap each entry point."""
+        return self.budget.counting(warmup)
 
     def overhead(self) -> float:
         """gradwatch's share of wall time since attach (everything it did, warm-up included)."""
