@@ -82,3 +82,24 @@ def test_nested_blocks_and_the_events_inside_count_once() -> None:
     assert watcher.budget.engine_seconds - start == pytest.approx(1.0, abs=1e-12)
     watcher._spent_in_hooks(0.125)  # outside any block: added
     assert watcher.budget.engine_seconds - start == pytest.approx(1.125, abs=1e-12)
+
+
+def test_the_hf_training_step_wrapper_reports_its_own_time_only(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from gradwatch.integrations import huggingface as hf
+
+    clock = FakeClock()
+    monkeypatch.setattr(hf.time, "perf_counter", clock)
+    spent: list[float] = []
+    recorder = hf.StepLossRecorder(on_inputs=lambda inputs: clock.advance(0.25), on_spent=spent.append)
+
+    def training_step(model: Any, inputs: Any) -> torch.Tensor:
+        clock.advance(10.0)  # the host's own step: not gradwatch's
+        return torch.tensor(2.0)
+
+    trainer = SimpleNamespace(training_step=training_step)
+    recorder.install(trainer)
+    assert float(trainer.training_step(None, {"x": 1})) == 2.0
+    recorder.uninstall()
+    assert spent == [0.25] and float(recorder.pop()) == 2.0
