@@ -84,7 +84,9 @@ class GradWatch(Callback):
             self.watcher.close()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.watcher.state_dict()
+        with self.watcher.counting():
+            return self.watcher.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.watcher.load_state_dict(state_dict)
+        with self.watcher.counting():
+            self.watcher.load_state_dict(state_dict)
