@@ -9,8 +9,16 @@ same data with the same TensorBoardLogger set-up (so the logging cost is equal);
 runs (what ``max_overhead`` bounds), and whether the gradwatch run ended with bitwise the same weights as
 its baseline (it must: gradwatch only observes).
 
+Beside the wall-time ratio it reports gradwatch's self-measured share (its own clock, which runs from entering
+any of its callback methods to leaving it, plus its hooks inside the user's forward and backward, divided by
+the run's wall time) and the wall share (1 - baseline / gradwatch), so the two can be compared: their
+difference is what gradwatch costs outside its own clock, or noise (the spread over pairs says which).
+
     python benchmarks/overhead.py                 # 300 steps, 2 pairs, batch 16 x 64
     python benchmarks/overhead.py --steps 1000 --pairs 3
+    python benchmarks/overhead.py --threads 1 --pairs 6 --suite      # default, stability nothing due, all
+    python benchmarks/overhead.py --all-families                     # every family at its defaults
+    python benchmarks/overhead.py --families stability --nothing-due # stability, nothing due after step 1
 
 Without ``transformers`` the model is ``lightning.pytorch.demos.Transformer`` of similar size.
 """
@@ -84,8 +92,9 @@ def per_example_loss(module: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 
 def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int,
-               root: str, name: str) -> tuple[float, float, dict[str, Tensor], GradWatch | None]:
-    """One seeded run; returns fit()'s wall seconds and process CPU seconds, the final weights, the callback."""
+               root: str, name: str) -> tuple[float, tuple[float, float], dict[str, Tensor], GradWatch | None]:
+    """One seeded run; returns fit()'s wall seconds, (process CPU seconds, this thread's CPU seconds), the final
+    weights, the callback. Process CPU time counts every thread (also those that ended: the TensorBoard writer's)."""
     pl.seed_everything(seed, verbose=False)
     module = LanguageModel(kind, vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
     callback = GradWatch(**FAMILIES, loss_fn=per_example_loss) if with_gradwatch else None
@@ -96,11 +105,95 @@ def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int,
         log_every_n_steps=50, num_sanity_val_steps=0, deterministic=True,
     )
     loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=0)
-    c0, t0 = time.process_time(), time.perf_counter()
+    c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
     trainer.fit(module, loader)
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    seconds = time.perf_counter() - t0
+    cpu_seconds = (time.process_time() - c0, time.thread_time() - m0)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     return seconds, cpu_seconds, weights, callback
+
+
+def family_settings(chosen: Sequence[str], nothing_due: bool) -> dict[str, Any]:
+    """GradWatch keywords: each registered family on (its defaults) iff in ``chosen``; with ``nothing_due`` every
+    cadence of a chosen family (``every`` and each ``*_every``) is step 1 only."""
+    import dataclasses
+
+    from gradwatch.config import Cadence
+    from gradwatch.registry import families
+
+    out: dict[str, Any] = {f.key: f.key in chosen for f in families()}
+    if nothing_due:
+        for f in families():
+            if out[f.key]:
+                cfg = f.config_class()
+                out[f.key] = dataclasses.replace(cfg, **{x.name: Cadence.at([1]) for x in dataclasses.fields(cfg)
+                                                         if x.name == "every" or x.name.endswith("_every")})
+    return out
+
+
+def measure(args: argparse.Namespace, kind: str, data: TensorDataset, root: str, label: str) -> list[tuple]:
+    """The timed pairs of one configuration (``FAMILIES``), each printed as it ends; returns their rows."""
+    rows = []
+    warm = min(args.warmup_steps, args.steps)
+    train_once(False, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_baseline")
+    train_once(True, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_gradwatch")
+    for i in range(args.pairs):
+        # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
+        # warming) falls on both sides of the median instead of one
+        order = (False, True) if i % 2 == 0 else (True, False)
+        runs_i = {gw: train_once(gw, kind, data, args.steps, args.batch, args.seed, root,
+                                 f"{label}_{'gradwatch' if gw else 'baseline'}_{i}") for gw in order}
+        (base_s, base_c, base_w, _), (gw_s, gw_c, gw_w, cb) = runs_i[False], runs_i[True]
+        assert cb is not None
+        same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
+        own = cb.watcher.budget.engine_seconds  # every second inside gradwatch's callback methods and hooks
+        rows.append((base_s, gw_s, gw_s / base_s, 1 - base_s / gw_s, own / gw_s, base_c[1], gw_c[1],
+                     base_c[0] - base_c[1], gw_c[0] - gw_c[1], 1 - base_c[1] / gw_c[1], cb.watcher.overhead(), same))
+        runs = {cb.watcher._key(j).split(":", 2)[2]: b["runs"] for j, b in cb.watcher._budgeted.items()}
+        print(f"  {label} pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; gradwatch/overhead without the "
+              f"one-off first runs (what max_overhead bounds) {cb.watcher.budgeted_overhead():.2%}; postponed steps "
+              f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else "")
+              + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return rows
+
+
+HEADER = (f"{'pair':>4} {'base s':>7} {'gw s':>7} {'ratio':>6} {'wall share':>10} {'self share':>10} "
+          f"{'diff pp':>7} | {'main cpu b':>10} {'main cpu g':>10} {'cpu share':>9} {'diff pp':>7} | "
+          f"{'other b':>7} {'other g':>7} | {'overhead()':>10} {'same w':>6}")
+
+
+def line(label: str, r: Sequence[Any]) -> str:
+    return (f"{label:>4} {r[0]:>7.2f} {r[1]:>7.2f} {r[2]:>6.3f} {r[3]:>10.2%} {r[4]:>10.2%} "
+            f"{100 * (r[3] - r[4]):>+7.2f} | {r[5]:>10.2f} {r[6]:>10.2f} {r[9]:>9.2%} {100 * (r[9] - r[4]):>+7.2f} | "
+            f"{r[7]:>7.2f} {r[8]:>7.2f} | {r[10]:>10.2%} {str(r[11]):>6}")
+
+
+def table(rows: list[tuple]) -> list[Any]:
+    """Print the rows and their medians; returns the median row."""
+    print(HEADER)
+    print("-" * len(HEADER))
+    for i, r in enumerate(rows):
+        print(line(str(i), r))
+    print("-" * len(HEADER))
+    med = [statistics.median(r[j] for r in rows) for j in range(11)] + [all(r[11] for r in rows)]
+    print(line("med", med))
+    if len(rows) > 1:
+        print(f"wall share over pairs ranges {min(r[3] for r in rows):.2%} .. {max(r[3] for r in rows):.2%}: "
+              "differences within this spread are run-to-run noise (more pairs: --pairs)")
+    return med
+
+
+EXPLAIN = """columns: base s / gw s = wall seconds of trainer.fit without / with gradwatch; ratio = gw s / base s;
+wall share = 1 - base s / gw s, the share of the gradwatch run's wall time that the baseline did not need;
+self share = gradwatch's own clock (every second from entering one of its callback methods to leaving it, and
+its hooks inside the user's forward and backward) / gw s; diff pp = wall share - self share, in percentage
+points: time the run lost outside gradwatch's clock (positive) or noise. main cpu b / g = CPU seconds of the
+thread that trains (baseline / gradwatch), cpu share = 1 - b / g: with --threads 1 the same comparison without
+the time the thread waited for a core, so much steadier than wall time on a loaded machine (cache and
+frequency effects remain). other b / g = CPU seconds of every other thread (TensorBoard's writer thread,
+worker pools), which the training thread need not wait for on a free core. overhead() =
+gradwatch/overhead as logged (its clock over the wall time since on_train_start). same w = bitwise the same
+final weights as the baseline (gradwatch only observes). Medians over pairs."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -121,27 +214,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--families", default="spectra",
                         help="comma-separated families switched on at their default settings (default: spectra, "
                              "i.e. GradWatch() as it comes); e.g. spectra,signals,stability")
+    parser.add_argument("--all-families", action="store_true", help="every registered family on, at its defaults")
+    parser.add_argument("--suite", action="store_true",
+                        help="three configurations in one run, with a summary: default settings, stability alone "
+                             "with nothing due after step 1, every family on")
     args = parser.parse_args(argv)
     from gradwatch.registry import families
 
     known = [f.key for f in families()]
-    chosen = [f.strip() for f in args.families.split(",") if f.strip()]
+    chosen = known if args.all_families else [f.strip() for f in args.families.split(",") if f.strip()]
     if not chosen or any(f not in known for f in chosen):
         parser.error(f"--families expected a comma-separated subset of {known}, got {args.families!r}")
-    FAMILIES.update({key: key in chosen for key in known})
-    if args.nothing_due:
-        import dataclasses
-
-        from gradwatch.config import Cadence
-
-        for f in families():
-            if FAMILIES[f.key]:
-                cfg = f.config_class()
-                FAMILIES[f.key] = dataclasses.replace(cfg, **{x.name: Cadence.at([1]) for x in dataclasses.fields(cfg)
-                                                              if x.name == "every" or x.name.endswith("_every")})
     for flag in ("steps", "pairs", "batch", "seq", "vocab"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
+    if args.suite:
+        configs = [("default", family_settings(["spectra"], False)),
+                   ("stability, nothing due", family_settings(["stability"], True)),
+                   ("all families", family_settings(known, False))]
+    else:
+        configs = [(",".join(chosen) + (" (nothing due)" if args.nothing_due else ""),
+                    family_settings(chosen, args.nothing_due))]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kind = args.model
@@ -163,56 +256,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     probe = LanguageModel(kind, args.vocab, args.seq)
     n_params = sum(p.numel() for p in probe.parameters())
     del probe
+    load0 = os.getloadavg()[0]
     print(f"model: {kind} ({n_params / 1e6:.2f}M parameters), synthetic tokens, batch {args.batch} x {args.seq}, "
           f"vocab {args.vocab}, AdamW; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    cadences = ", ".join(f"{f.key} every {getattr(FAMILIES[f.key], 'every', f.config_class().every)!r}"
-                         for f in families() if FAMILIES[f.key])
-    print(f"gradwatch: GradWatch({', '.join(f'{k}={v}' for k, v in FAMILIES.items())}) at default settings "
-          f"({cadences}; TensorBoardLogger shared)")
-
-    rows = []
+          f"load average {load0:.1f} on {os.cpu_count()} CPUs; steps {args.steps}, {args.pairs} pairs (ABBA order)")
+    summary = []
     with tempfile.TemporaryDirectory() as root:
-        warm = min(args.warmup_steps, args.steps)
-        train_once(False, kind, data, warm, args.batch, args.seed, root, "warmup_baseline")
-        train_once(True, kind, data, warm, args.batch, args.seed, root, "warmup_gradwatch")
-        for i in range(args.pairs):
-            # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
-            # warming) falls on both sides of the median instead of one
-            order = (False, True) if i % 2 == 0 else (True, False)
-            runs_i = {gw: train_once(gw, kind, data, args.steps, args.batch, args.seed, root,
-                                     f"{'gradwatch' if gw else 'baseline'}_{i}") for gw in order}
-            (base_s, base_c, base_w, _), (gw_s, gw_c, gw_w, cb) = runs_i[False], runs_i[True]
-            assert cb is not None
-            same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
-            rows.append((base_s, gw_s, gw_s / base_s, base_c, gw_c, gw_c / base_c, cb.watcher.overhead(), same))
-            runs = {cb.watcher._key(j).split(":", 2)[2]: b["runs"] for j, b in cb.watcher._budgeted.items()}
-            print(f"  pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; gradwatch/overhead without the "
-                  f"one-off first runs (what max_overhead bounds) {cb.watcher.budgeted_overhead():.2%}; postponed steps "
-                  f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else ""), flush=True)
-
-    print(f"\nsteps {args.steps}, {args.pairs} pairs (ABBA order); wall = time of trainer.fit, "
-          "cpu = process CPU time of trainer.fit (all threads); median over pairs")
-    header = (f"{'pair':>4} {'steps':>6} {'baseline s':>11} {'gradwatch s':>12} {'ratio':>7} | {'cpu base s':>11} "
-              f"{'cpu gw s':>9} {'cpu ratio':>9} | {'gradwatch/overhead':>19} {'same weights':>13}")
-    print(header)
-    print("-" * len(header))
-
-    def line(label: str, r: Sequence[Any]) -> str:
-        return (f"{label:>4} {args.steps:>6} {r[0]:>11.2f} {r[1]:>12.2f} {r[2]:>7.3f} | {r[3]:>11.2f} {r[4]:>9.2f} "
-                f"{r[5]:>9.3f} | {r[6]:>19.2%} {str(r[7]):>13}")
-
-    for i, r in enumerate(rows):
-        print(line(str(i), r))
-    print("-" * len(header))
-    med = [statistics.median(r[j] for r in rows) for j in range(7)] + [all(r[7] for r in rows)]
-    print(line("med", med))
-    median_ratio = med[2]
-    if len(rows) > 1:
-        print(f"ratio over pairs ranges {min(r[2] for r in rows):.3f} .. {max(r[2] for r in rows):.3f}: differences "
-              "within this spread are run-to-run noise (more pairs: --pairs)")
-    print(f"target wall-time ratio <= 1.02 at default settings: {'met' if median_ratio <= 1.02 else 'NOT met'} "
-          f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+        for label, settings in configs:
+            FAMILIES.clear()
+            FAMILIES.update(settings)
+            cadences = ", ".join(f"{k} every {getattr(v, 'every', None) or next(f.config_class().every for f in families() if f.key == k)!r}"
+                                 for k, v in settings.items() if v)
+            print(f"\n[{label}] GradWatch({', '.join(f'{k}={v is not False}' for k, v in settings.items())}) "
+                  f"({cadences}; TensorBoardLogger shared)")
+            rows = measure(args, kind, data, root, label.split(",")[0].replace(" ", "_"))
+            print()
+            summary.append((label, table(rows)))
+    print("\n" + EXPLAIN)
+    print(f"\n{'configuration':>24} {'ratio':>6} {'wall share':>10} {'self share':>10} {'diff pp':>7} "
+          f"{'cpu share':>9} {'diff pp':>7}  agree within 1 pp: wall, cpu")
+    for label, m in summary:
+        print(f"{label:>24} {m[2]:>6.3f} {m[3]:>10.2%} {m[4]:>10.2%} {100 * (m[3] - m[4]):>+7.2f} {m[9]:>9.2%} "
+              f"{100 * (m[9] - m[4]):>+7.2f}  {'yes' if abs(m[3] - m[4]) <= 0.01 else 'NO'}, "
+              f"{'yes' if abs(m[9] - m[4]) <= 0.01 else 'NO'}")
+    print(f"(load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} now, on {os.cpu_count()} CPUs: above "
+          "about 0.5 per CPU other work shares the cores and the wall columns are noise-dominated)")
 
 
 if __name__ == "__main__":

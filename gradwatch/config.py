@@ -68,6 +68,11 @@ class WatchConfig:
         on_alert: ``on_alert(alert)`` called on rank zero for every alert (may save a checkpoint or stop
             training); if it raises, that is reported once and training goes on unless strict.
         alert_cooldown: steps before the same alert rule may fire again.
+        max_unshard_gb: under FSDP2, the most GiB of full parameters per rank that an extra pass with
+            gradients (sharpness's Hessian-vector products, per-example spectra, signals' confirmation) may
+            unshard on every rank; over it the pass is refused, said once, and that family (or signals'
+            confirmation) is off for the run while training goes on. ``None``: no limit. Forward-only probe
+            passes run sharded and need no limit.
 
     The object remembers which options were given (:attr:`given`): handed to a callback, those beat the
     ``gradwatch_*`` TrainingArguments fields and the ``GRADWATCH_*`` environment, and the others are left to
@@ -85,6 +90,7 @@ class WatchConfig:
     loss_fn: Callable[..., Any] | None
     on_alert: Callable[..., Any] | None
     alert_cooldown: int
+    max_unshard_gb: float | None
 
     def __init__(self, **options: Any) -> None:
         from gradwatch.registry import families

@@ -82,6 +82,14 @@ def _max_overhead(name: str, value: Any) -> float | None:
     return None if value == 0 else value
 
 
+def _max_unshard_gb(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise fail(name, value, "a number of GiB > 0, or None for no limit")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Option:
     """One general option of :class:`gradwatch.WatchConfig`.
@@ -136,6 +144,9 @@ GENERAL_OPTIONS: tuple[Option, ...] = (
            no_knob="a callable cannot be given as text: pass it in code (GradWatch(on_alert=...))"),
     Option("alert_cooldown", int, 200, "steps before the same alert rule may fire again",
            lambda n, v: check_int(n, v, minimum=0), int),
+    Option("max_unshard_gb", Optional[float], None,
+           "FSDP2: most GiB of full parameters per rank an extra pass with gradients (sharpness, per-example "
+           "spectra) may unshard; over it that family is switched off (None: no limit)", _max_unshard_gb, float),
 )
 
 OPTIONS: dict[str, Option] = {o.name: o for o in GENERAL_OPTIONS}

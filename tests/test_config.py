@@ -333,7 +333,7 @@ def test_from_kwargs_sets_an_option_back_to_its_default() -> None:
 def test_from_kwargs_unknown_option() -> None:
     valid = re.escape(str(["spectra", "sharpness", *[f.key for f in gradwatch.registry.families()][2:],
                            "include", "exclude", "embeddings", "output_head", "log_dir", "max_overhead",
-                           "on_error", "probe_seed", "loss_fn", "on_alert", "alert_cooldown"]))
+                           "on_error", "probe_seed", "loss_fn", "on_alert", "alert_cooldown", "max_unshard_gb"]))
     with pytest.raises(ValueError, match=r"unknown option 'spectrum'; valid options are " + valid):
         WatchConfig.from_kwargs(spectrum=True)
     with pytest.raises(ValueError, match=r"unknown option 'every'"):

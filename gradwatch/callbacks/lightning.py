@@ -48,34 +48,45 @@ class GradWatch(Callback):
         self.log_dir: str | None = None
         self._ready: int | None = None
 
+    # each entry point runs inside watcher.counting(): its whole time, glue included, is on gradwatch's clock
+
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        sinks, self.log_dir = glue.sinks_for(trainer, self.config)
-        self.watcher.attach(pl_module, sinks=sinks, probe_source=glue.probe_source(trainer, pl_module, self.config))
+        with self.watcher.counting(warmup=True):
+            sinks, self.log_dir = glue.sinks_for(trainer, self.config)
+            self.watcher.attach(pl_module, sinks=sinks,
+                                probe_source=glue.probe_source(trainer, pl_module, self.config))
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
-        if batch_idx % glue.accumulation(trainer) == 0:
-            self.watcher.on_step_start(trainer.global_step + 1)
-        self.watcher.on_micro_batch(batch)
+        with self.watcher.counting():
+            if batch_idx % glue.accumulation(trainer) == 0:
+                self.watcher.on_step_start(trainer.global_step + 1)
+            self.watcher.on_micro_batch(batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
-        factor, scaled = glue.true_gradient_factor(trainer, optimizer)
-        self._ready = trainer.global_step + 1
-        self.watcher.on_gradients_ready(self._ready, optimizer=optimizer, grad_scale=factor, check_skipped=scaled,
-                                        loss_scale=glue.loss_scale(trainer))
+        with self.watcher.counting():
+            factor, scaled = glue.true_gradient_factor(trainer, optimizer)
+            self._ready = trainer.global_step + 1
+            self.watcher.on_gradients_ready(self._ready, optimizer=optimizer, grad_scale=factor,
+                                            check_skipped=scaled, loss_scale=glue.loss_scale(trainer))
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._ready is not None:
-            step, self._ready = self._ready, None
-            self.watcher.on_step_end(step, loss=glue.step_loss(outputs))
+        with self.watcher.counting():
+            if self._ready is not None:
+                step, self._ready = self._ready, None
+                self.watcher.on_step_end(step, loss=glue.step_loss(outputs))
 
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
-        self.watcher.on_exception(exception)
+        with self.watcher.counting():
+            self.watcher.on_exception(exception)
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        self.watcher.close()
+        with self.watcher.counting():
+            self.watcher.close()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.watcher.state_dict()
+        with self.watcher.counting():
+            return self.watcher.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.watcher.load_state_dict(state_dict)
+        with self.watcher.counting():
+            self.watcher.load_state_dict(state_dict)

@@ -57,7 +57,8 @@ class GradWatch(TrainerCallback):
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
         self._tb_writer = tb_writer
         self._clip = glue.ClipNormRecorder()
-        self._loss = glue.StepLossRecorder(on_inputs=lambda inputs: self.watcher.on_micro_batch(inputs))
+        self._loss = glue.StepLossRecorder(on_inputs=lambda inputs: self.watcher.on_micro_batch(inputs),
+                                           on_spent=lambda seconds: self.watcher._spent_in_hooks(seconds))
         self.log_dir: str | None = None
 
     def read_training_args(self, args: Any) -> None:
@@ -81,9 +82,15 @@ class GradWatch(TrainerCallback):
         _ = self.trainer
         self.read_training_args(args)
 
+    # each entry point runs inside watcher.counting(): its whole time, glue included, is on gradwatch's clock
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, train_dataloader: Any = None,
                        **kwargs: Any) -> None:
-        self.read_training_args(args)
+        self.read_training_args(args)  # may build a new Watcher: before its counting() block
+        with self.watcher.counting(warmup=True):
+            self._begin(args, state, model, train_dataloader)
+
+    def _begin(self, args: Any, state: Any, model: Any, train_dataloader: Any) -> None:
         trainer = self.trainer
         writer = self._tb_writer or glue.host_writer(trainer, exclude=self)
         sinks, self.log_dir = glue.sinks_for(args, state, self.config, writer)
@@ -98,25 +105,30 @@ class GradWatch(TrainerCallback):
                             probe_source=glue.probe_source(trainer, args, model, train_dataloader, self.config))
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.watcher.on_step_start(state.global_step + 1)
+        with self.watcher.counting():
+            self.watcher.on_step_start(state.global_step + 1)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        factor, scaled = glue.true_gradient_factor(self.trainer, optimizer,
-                                                   self._clip.preclip_factor(getattr(args, "max_grad_norm", None)))
-        self.watcher.on_gradients_ready(state.global_step + 1, optimizer=optimizer, grad_scale=factor,
-                                        check_skipped=scaled, loss_scale=glue.loss_scale(self.trainer))
+        with self.watcher.counting():
+            factor, scaled = glue.true_gradient_factor(self.trainer, optimizer,
+                                                       self._clip.preclip_factor(getattr(args, "max_grad_norm", None)))
+            self.watcher.on_gradients_ready(state.global_step + 1, optimizer=optimizer, grad_scale=factor,
+                                            check_skipped=scaled, loss_scale=glue.loss_scale(self.trainer))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.watcher.on_step_end(state.global_step, loss=self._loss.pop())
+        with self.watcher.counting():
+            self.watcher.on_step_end(state.global_step, loss=self._loss.pop())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._clip.uninstall()
-        self._loss.uninstall()
-        self.watcher.close()
+        with self.watcher.counting():
+            self._clip.uninstall()
+            self._loss.uninstall()
+            self.watcher.close()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            glue.save_state(args, state, self.watcher.state_dict())
+        with self.watcher.counting():
+            if state.is_world_process_zero:
+                glue.save_state(args, state, self.watcher.state_dict())
 
 
 class GradWatchTensorBoardCallback(TensorBoardCallback):

@@ -3,12 +3,16 @@
 
 The :class:`~gradwatch.engine.watcher.Watcher` owns one :class:`OverheadBudget` and reports to it every
 second it spends (its events, the hooks' work inside the user's forward and backward, each observation).
+A host adapter wraps each of its entry points in :meth:`OverheadBudget.counting`, so that the clock runs from
+entering a gradwatch callback method to leaving it (the host glue around the events, too), once: the events'
+and hooks' own reports inside such a block are not added again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from gradwatch.engine.ranks import Ranks
@@ -34,6 +38,8 @@ class OverheadBudget:
         self.ranks = ranks
         self._say_once = say_once
         self._describe = describe
+        self._depth = 0  # open counting() blocks
+        self._block_start = 0.0  # when the outermost one opened
         self.reset()
 
     def reset(self, wall_start: float | None = None) -> None:
@@ -47,14 +53,38 @@ class OverheadBudget:
     # ---- time spent ---------------------------------------------------------------------------
 
     def spent(self, t0: float, warmup: bool = False) -> None:
-        """gradwatch worked from ``t0`` until now (``warmup``: a one-off cost)."""
+        """gradwatch worked from ``t0`` until now (``warmup``: a one-off cost); inside a :meth:`counting` block
+        the block counts it."""
+        if self._depth:
+            return
         dt = self.clock() - t0
         self.engine_seconds += dt
         if warmup:
             self.warmup_seconds += dt
 
     def spent_in_hooks(self, seconds: float) -> None:
-        self.engine_seconds += seconds
+        """Seconds gradwatch's hooks and host wrappers spent inside the user's code (outside any event)."""
+        if not self._depth:
+            self.engine_seconds += seconds
+
+    @contextlib.contextmanager
+    def counting(self, warmup: bool = False) -> Iterator[None]:
+        """Everything inside the block is gradwatch's time (``warmup``: a one-off cost): a host adapter's entry
+        point, its glue and the engine's events alike. Nested blocks count once, in the outermost."""
+        t0 = self.clock()
+        if not self._depth:
+            self._block_start = t0
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self.spent(t0, warmup)
+
+    def started(self, t0: float) -> float:
+        """When gradwatch's time began for a run attached at ``t0``: the outermost open block's start, if any."""
+        return self._block_start if self._depth else t0
 
     def observed(self, i: int, seconds: float, continuing: bool = False) -> None:
         """Diagnostic ``i`` observed for ``seconds`` (already counted through :meth:`spent`): its first run is a

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from gradwatch.engine.fsdp import is_fsdp2, unsharded
+from gradwatch.engine.fsdp import is_fsdp2, pass_scope
 from gradwatch.engine.layers import GradientShard, gradient_matrices, gradient_shards, unwrap_optimizer
 from gradwatch.engine.ranks import Ranks
 
@@ -37,11 +37,13 @@ def _reparametrize() -> Any:
 class ExtraPass:
     """Inside :func:`extra_pass`: the model to run, the tensors its forward reads for each parameter name
     (float32 copies for a half-precision model, else the parameters themselves, read inside the pass: under
-    FSDP2 the unsharded ones; differentiate with respect to these), and :meth:`cast` for inputs."""
+    FSDP2 the unsharded ones; differentiate with respect to these), and :meth:`cast` for inputs. ``collective``:
+    each forward is a collective (FSDP2 without grad), so every rank must run the same number of forwards."""
 
     model: nn.Module
     params: Mapping[str, Tensor]
     float32: bool
+    collective: bool = False
 
     def cast(self, batch: Any) -> Any:
         """``batch`` with half-precision floating tensors cast to float32 when the pass runs in float32."""
@@ -53,7 +55,8 @@ class ExtraPass:
 
 @contextlib.contextmanager
 def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
-               on_native: Callable[[str], None] | None = None) -> Iterator[ExtraPass]:
+               on_native: Callable[[str], None] | None = None,
+               max_unshard_gb: float | None = None) -> Iterator[ExtraPass]:
     """Observe-only context for forward (and backward) passes that are not the user's.
 
     Eval mode (no dropout, BatchNorm statistics untouched); the RNG state forked (CPU and the current CUDA
@@ -64,9 +67,11 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
     kept tied) for the duration of the block: the host's own loss code runs unchanged, on float32 numbers,
     and nothing of the model is modified. ``on_native(reason)`` is called when that swap is unavailable.
 
-    FSDP2 (``fully_shard``) modules are unsharded for the block (:func:`gradwatch.engine.fsdp.unsharded`):
-    entering is a collective, so every rank must enter (diagnostics declare ``runs_on = "all_ranks"``), and
-    the pass itself is then local. ``ExtraPass.params`` are the unsharded parameters, read after unsharding.
+    FSDP2 (``fully_shard``) modules (:func:`gradwatch.engine.fsdp.pass_scope`; every rank must enter, so
+    diagnostics declare ``runs_on = "all_ranks"``): without ``grad`` the forwards are FSDP2's own sharded ones,
+    each a collective (``ExtraPass.collective``); with ``grad`` the modules are unsharded for the block (entering
+    is the collective, the pass is then local; refused with ``PassRefused`` when the full parameters exceed
+    ``max_unshard_gb``). ``ExtraPass.params`` are the parameters read after unsharding.
     The float32 swap is not possible there (FSDP2's pre-forward puts its own unsharded parameters in place
     of swapped tensors), so a half-precision FSDP2 model runs the pass in its own dtype and ``on_native`` is
     called.
@@ -87,7 +92,7 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         model.eval()
         try:
-            stack.enter_context(unsharded(model))  # FSDP2: an all-gather per module, on every rank
+            collective = stack.enter_context(pass_scope(model, grad=grad, max_unshard_gb=max_unshard_gb))
             named = dict(model.named_parameters(remove_duplicate=False))  # after unsharding: the plain ones
             half = grad and float32 and any(p.dtype not in _FULL_PRECISION and p.is_floating_point()
                                             for p in named.values())
@@ -107,9 +112,9 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
                     mapping[name] = copies[id(t)]
                 stack.enter_context(reparametrize(model, mapping))
                 params = {n: mapping.get(n, p) for n, p in named.items()}
-                yield ExtraPass(model, params, True)
+                yield ExtraPass(model, params, True, collective)
             else:
-                yield ExtraPass(model, named, False)
+                yield ExtraPass(model, named, False, collective)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -208,7 +213,8 @@ class EngineStepContext:
                  say_once: Callable[[str, str], None] | None = None,
                  micro_batches: MicroBatchGradients | None = None,
                  loss_scale: Callable[[], float | None] | float | None = None,
-                 logged: Mapping[str, tuple[int, float]] | None = None) -> None:
+                 logged: Mapping[str, tuple[int, float]] | None = None,
+                 max_unshard_gb: float | None = None) -> None:
         self.step = step
         self.phase = phase
         self.model = model
@@ -227,6 +233,7 @@ class EngineStepContext:
         self._micro_batches = micro_batches
         self._loss_scale = loss_scale
         self._logged = logged or {}
+        self._max_unshard_gb = max_unshard_gb
 
     @cached_property
     def optimizer(self) -> Any:
@@ -284,7 +291,7 @@ class EngineStepContext:
         """:func:`extra_pass` on the model; yields an :class:`ExtraPass`."""
         return extra_pass(self.model, grad=grad, float32=float32, on_native=lambda why: self.say_once(
             "float32", f"gradwatch: cannot swap float32 copies into this half-precision model ({why}); "
-            "extra passes run in its own dtype"))
+            "extra passes run in its own dtype"), max_unshard_gb=self._max_unshard_gb)
 
     def weights_before(self) -> dict[str, Tensor]:
         """The watched parameters as they were before this step's optimizer update (``step_end`` only)."""

@@ -1,5 +1,17 @@
 """Extra passes through FSDP2-sharded modules (``torch.distributed.fsdp.fully_shard``).
 
+Which pass does what, and its memory per rank (P: the model's full parameter bytes; p_i: FSDP module i's):
+
+- forward only, no grad (signals' probe losses and representations, any loss-only evaluation):
+  :func:`sharded_forward`, FSDP2's own forward, module by module as training does it, every module resharded
+  after its forward: at most the root module's own unsharded parameters plus the largest other module's
+  (plus any forward prefetch the user set up), never P. Every forward is then a collective (one all-gather
+  per module), so every rank must run the same number of forwards (``ExtraPass.collective``).
+- with gradients (Hessian-vector products with ``create_graph=True``, per-example gradients, signals'
+  gradient confirmation): the graph holds every unsharded parameter at once, so :func:`unsharded` unshards
+  the whole model: P per rank for the pass. Refused (:class:`~gradwatch.metrics.base.PassRefused`, the
+  family switched off, training goes on) when P exceeds ``max_unshard_gb`` (:func:`pass_scope`).
+
 What FSDP2 does, and why a plain extra pass fails (torch 2.13, measured on 2 CPU ranks with gloo; see
 ``notes/fsdp2_fp16.md``):
 
@@ -53,6 +65,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
+
+from gradwatch.metrics.base import PassRefused
 
 
 def _fsdp_module_class() -> type | None:
@@ -183,10 +197,7 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         try:
             if failed:
-                for root in _roots(model):
-                    reset = getattr(root, "reset_iter_state", None)
-                    if reset is not None and getattr(root._get_fsdp_state(), "_is_root", None) is not False:
-                        reset()
+                _reset_after_failure(model)
             for m in mods:
                 m.reshard()  # type: ignore[operator]  # local
         finally:
@@ -194,4 +205,86 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
             _restore_forward_order(order)
 
 
-__all__ = ["fsdp_modules", "is_fsdp2", "unsharded"]
+def _reset_after_failure(model: nn.Module) -> None:
+    for root in _roots(model):
+        reset = getattr(root, "reset_iter_state", None)
+        if reset is not None and getattr(root._get_fsdp_state(), "_is_root", None) is not False:
+            reset()
+
+
+@contextlib.contextmanager
+def sharded_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, forwards through ``model`` are FSDP2's own sharded forwards, each module all-gathered
+    in its pre-forward and resharded in its post-forward (the root too, unlike training's default), so a
+    forward holds about one module's unsharded parameters beside the root's. For forwards without grad.
+
+    A no-op without FSDP2 modules. Otherwise each forward is a collective: every rank must run the same
+    forwards in the same order (a rank with no batch of its own runs a stand-in). Entering is local. On exit,
+    also after an exception (then first ``reset_iter_state()`` of each root, as in :func:`unsharded`), every
+    module is resharded and FSDP's settings and per-iteration forward-order records are put back exactly.
+    """
+    mods = fsdp_modules(model)
+    if not mods:
+        yield model
+        return
+    saved = _save_settings(mods)
+    order = _save_forward_order(mods)
+    failed = False
+    try:
+        for m in mods:
+            m.set_reshard_after_forward(True, recurse=False)  # type: ignore[operator]
+        yield model
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        try:
+            if failed:
+                _reset_after_failure(model)
+            for m in mods:
+                m.reshard()  # type: ignore[operator]  # local; a no-op for a sharded module
+        finally:
+            _restore_settings(saved)
+            _restore_forward_order(order)
+
+
+def full_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters at their full size (a DTensor counts its global shape): what every rank
+    holds while :func:`unsharded` is entered."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+REFUSED = ("gradwatch: this extra pass needs gradients through the whole model, so under FSDP2 every FSDP module "
+           "is unsharded on every rank for it: {need:.3g} GiB of parameters per rank, over max_unshard_gb={limit:g}. "
+           "Forward-only probe passes run sharded; this one cannot. Raise max_unshard_gb if the full parameters "
+           "fit on each device beside training's own memory, or turn the family off")
+
+
+@contextlib.contextmanager
+def pass_scope(model: nn.Module, *, grad: bool, max_unshard_gb: float | None = None) -> Iterator[bool]:
+    """The FSDP2 side of an extra pass: :func:`sharded_forward` without grad, :func:`unsharded` with grad
+    (refused with :class:`PassRefused` when the full parameter bytes exceed ``max_unshard_gb`` GiB; the same
+    decision on every rank, from global shapes, before any collective). Yields whether each forward is a
+    collective (FSDP2 without grad); a no-op yielding False without FSDP2."""
+    if not is_fsdp2(model):
+        yield False
+        return
+    if not grad:
+        with sharded_forward(model):
+            yield True
+        return
+    need = full_parameter_bytes(model) / 2**30
+    if max_unshard_gb is not None and need > max_unshard_gb:
+        raise PassRefused(REFUSED.format(need=need, limit=max_unshard_gb))
+    with unsharded(model):
+        yield False
+
+
+__all__ = ["REFUSED", "fsdp_modules", "full_parameter_bytes", "is_fsdp2", "pass_scope", "sharded_forward",
+           "unsharded"]

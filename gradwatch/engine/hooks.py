@@ -75,37 +75,45 @@ class ActivationCapture:
 
     # ---- hooks ------------------------------------------------------------------------------
 
+    # each hook's whole time, from entering it to leaving it, is reported to ``on_spent`` (gradwatch's time)
+
+    def _spent(self, t0: float) -> None:
+        if self._on_spent is not None:
+            self._on_spent(self._clock() - t0)
+
     def _enter(self, site: ActivationSite) -> Any:
         def pre_hook(module: Any, args: Any) -> None:
+            t0 = self._clock()
             if not _in_backward():
                 self._stack.append(site)
+            self._spent(t0)
 
         return pre_hook
 
     def _leave(self, site: ActivationSite) -> Any:
         def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-            if _in_backward():
-                return
-            if self._stack and self._stack[-1] is site:
-                self._stack.pop()
-            if output is None:  # always_call after an exception in the forward
-                return
-            self.calls[site.name] = self.calls.get(site.name, 0) + 1
-            if site.on_forward is not None:
-                self._call(site, site.on_forward, module, args, kwargs, output)
+            t0 = self._clock()
+            try:
+                if _in_backward():
+                    return
+                if self._stack and self._stack[-1] is site:
+                    self._stack.pop()
+                if output is None:  # always_call after an exception in the forward
+                    return
+                self.calls[site.name] = self.calls.get(site.name, 0) + 1
+                if site.on_forward is not None:
+                    self._call(site, site.on_forward, module, args, kwargs, output)
+            finally:
+                self._spent(t0)
 
         return hook
 
     def _call(self, site: ActivationSite, fn: Callable[..., None], *args: Any) -> None:
-        t0 = self._clock()
         try:
             with torch.no_grad():
                 fn(*args)
         except Exception as exc:  # reported to the engine (warn once, or raise when strict)
             self._on_error(self._owner.get(id(site)), exc)
-        finally:
-            if self._on_spent is not None:
-                self._on_spent(self._clock() - t0)
 
     def _wrap_sdpa(self) -> None:
         _SDPA.attach(self)
@@ -113,9 +121,11 @@ class ActivationCapture:
 
     def _report_attention(self, query: Any, key: Any, attn_mask: Any, is_causal: bool, scale: Any,
                           enable_gqa: bool) -> None:
+        t0 = self._clock()
         site = self._stack[-1] if self._stack else None
         if site is not None and site.on_attention is not None and not _in_backward():
             self._call(site, site.on_attention, query.detach(), key.detach(), attn_mask, is_causal, scale, enable_gqa)
+        self._spent(t0)
 
 
 class _SharedSDPAWrapper:

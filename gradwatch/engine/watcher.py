@@ -41,7 +41,7 @@ from gradwatch.engine.probe import ProbeSet
 from gradwatch.engine.ranks import Ranks
 from gradwatch.engine.sinks import Sink
 from gradwatch.engine.state import STATE_VERSION, diagnostic_key, load_watcher_state, watcher_state
-from gradwatch.metrics.base import ChartGroup, Diagnostic, LayersFailed
+from gradwatch.metrics.base import ChartGroup, Diagnostic, LayersFailed, PassRefused
 from gradwatch.registry import BuildInputs, families
 
 __all__ = ["BUDGETED_SHARE_WITHOUT_BUDGET", "STATE_VERSION", "GradWatchAlert", "GradWatchError", "Watcher"]
@@ -79,11 +79,14 @@ class Watcher:
         self._failed: set[int] = set()  # diagnostics with a failed observation in the current interval
         self._observed: set[int] = set()  # diagnostics observed (or tried) in the current interval, every rank
         self._failed_elsewhere: set[int] = set()  # failed on another rank this interval: logged as failed here too
+        self._off: set[int] = set()  # refused an extra pass (PassRefused): off for the rest of the run
         cfg = self.config
         self.alerts = AlertGate(cfg.alert_cooldown, cfg.on_alert, strict=cfg.on_error == "raise", ranks=self.ranks,
                                 say_once=self._warn_once)
-        self.budget = OverheadBudget(cfg.max_overhead, self.clock, self.ranks, say_once=self._warn_once,
-                                     describe=self._describe)
+        if not hasattr(self, "budget"):  # kept across runs: an adapter's counting() block may be open
+            self.budget = OverheadBudget(cfg.max_overhead, self.clock, self.ranks, say_once=self._warn_once,
+                                         describe=self._describe)
+        self.budget.reset()
         # the step in flight
         self._step: int | None = None
         self._running: list[int] = []
@@ -112,7 +115,7 @@ class Watcher:
         t0 = self.clock()
         self._disarm()
         self._new_run()
-        self.budget.wall_start = t0  # attach's own time counts in both numerator and denominator
+        self.budget.wall_start = self.budget.started(t0)  # attach's own time counts in both numerator and denominator
         self.ranks.refresh()
         self.model = unwrap_model(model)
         self.sinks = list(sinks) if self.is_rank_zero else []
@@ -172,6 +175,7 @@ class Watcher:
         cadences = [d.observe_cadence() for d in self.diagnostics]
         due = {i for i, c in enumerate(cadences) if c.budgeted_minimum is None and c.is_due(step)}
         due |= self.budget.due(step, cadences, self.budgeted_period)
+        due -= self._off
         self._pending |= due
         self._running = []
         if self._pending:
@@ -184,7 +188,8 @@ class Watcher:
             else:
                 self._running = sorted(self._pending)
                 self._pending.clear()
-        self._continuing = {i for i, d in enumerate(self.diagnostics) if i not in self._running and d.continues(step)}
+        self._continuing = {i for i, d in enumerate(self.diagnostics)
+                            if i not in self._running and i not in self._off and d.continues(step)}
         if self._continuing:  # a burst under way is never postponed (its steps must be consecutive)
             self._pending -= self._continuing
             self._running = sorted({*self._running, *self._continuing})
@@ -280,7 +285,7 @@ class Watcher:
                                  probe=self.probe if self.probe_size() else None, loss=loss,
                                  weights_before=self._weights_before, say_once=self._warn_once,
                                  micro_batches=self.micro_batches, loss_scale=self._loss_scale,
-                                 logged=self._latest)
+                                 logged=self._latest, max_unshard_gb=self.config.max_unshard_gb)
 
     def _observe(self, phase: str, loss: Tensor | None = None) -> None:
         now = [i for i in self._running if self.diagnostics[i].phase == phase]
@@ -308,6 +313,11 @@ class Watcher:
                 self._fail(i, exc)
                 if not before:
                     self._failed.discard(i)
+            except PassRefused as exc:  # the same on every rank (global shapes, one limit): off for the run
+                failed[k] = True
+                self._off.add(i)
+                self._warn_once(f"off:{i}", f"{exc}. {self._describe(i)} is off for the rest of this run; "
+                                            "training goes on")
             except Exception as exc:  # a diagnostic never kills training unless strict
                 failed[k] = True
                 self._fail(i, exc)
@@ -342,6 +352,10 @@ class Watcher:
 
     def _spent_in_hooks(self, seconds: float) -> None:
         self.budget.spent_in_hooks(seconds)
+
+    def counting(self, warmup: bool = False) -> Any:
+        """A block whose whole time is gradwatch's (:meth:`OverheadBudget.counting`): hosts wrap each entry point."""
+        return self.budget.counting(warmup)
 
     def overhead(self) -> float:
         """gradwatch's share of wall time since attach (everything it did, warm-up included)."""

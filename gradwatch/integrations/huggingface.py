@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -224,23 +225,30 @@ class ClipNormRecorder(_InstanceWrapper):
 class StepLossRecorder(_InstanceWrapper):
     """The mean of ``Trainer.training_step``'s returned losses over the micro-batches of a step (each is the
     micro-batch loss divided by the accumulation steps, so their sum is the step's loss); ``on_inputs`` is
-    told each micro-batch's inputs before it runs."""
+    told each micro-batch's inputs before it runs; ``on_spent(seconds)`` the wrapper's own time (gradwatch's,
+    spent inside the host's step), the wrapped ``training_step`` aside."""
 
     method = "training_step"
 
-    def __init__(self, on_inputs: Any = None) -> None:
+    def __init__(self, on_inputs: Any = None, on_spent: Any = None) -> None:
         super().__init__()
         self._total: Tensor | None = None
         self._on_inputs = on_inputs  # told each micro-batch's inputs before it runs
+        self._on_spent = on_spent
 
     def _wrap(self, original: Any) -> Any:
         def step_and_remember(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
             if self._on_inputs is not None:
                 inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
                 self._on_inputs(inputs)
+            t1 = time.perf_counter()
             loss = original(*args, **kwargs)
+            t2 = time.perf_counter()
             if isinstance(loss, Tensor):
                 self._total = loss.detach() if self._total is None else self._total + loss.detach()
+            if self._on_spent is not None:
+                self._on_spent(t1 - t0 + time.perf_counter() - t2)
             return loss
 
         return step_and_remember

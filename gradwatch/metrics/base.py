@@ -219,6 +219,13 @@ class ActivationSite:
 # ---- what a diagnostic receives -----------------------------------------------------------------
 
 
+class PassRefused(RuntimeError):
+    """An extra pass the engine will not run, with the reason (under FSDP2: the whole model would be unsharded
+    on every rank and its parameter bytes exceed ``max_unshard_gb``). The engine says it once and switches the
+    diagnostic off for the run; training goes on. A diagnostic with an optional pass may catch it and carry on
+    without that pass."""
+
+
 class StepContext(Protocol):
     """What the engine offers a diagnostic at one step; accessors are cached (see
     ``gradwatch.engine.context.EngineStepContext``)."""
@@ -246,7 +253,8 @@ class StepContext(Protocol):
 
     def extra_pass(self, *, grad: bool = True, float32: bool = True) -> Any:
         """A context manager yielding ``gradwatch.engine.context.ExtraPass`` (``.model``, ``.params`` to
-        differentiate, ``.cast(batch)``)."""
+        differentiate, ``.cast(batch)``, ``.collective``: each forward is a collective, so every rank must run
+        the same number). Raises :class:`PassRefused` on entry when the pass is over a memory limit."""
 
     def say_once(self, key: str, message: str) -> None: ...
 
@@ -369,5 +377,5 @@ def tensors_to(value: Any, device: torch.device | str) -> Any:
 
 
 __all__ = ["CAPABILITIES", "ActivationSite", "Alert", "Capability", "Chart", "ChartGroup", "Diagnostic",
-           "Heatmap", "LayersFailed", "Phase", "ProbeAccess", "Results", "RunsOn", "Severity", "StepContext", "Watched",
+           "Heatmap", "LayersFailed", "PassRefused", "Phase", "ProbeAccess", "Results", "RunsOn", "Severity", "StepContext", "Watched",
            "tensors_to"]

@@ -379,12 +379,12 @@ def test_time_in_forward_hooks_and_gradient_hooks_is_gradwatch_time():
     capture.arm([(0, ActivationSite("0", model[0], on_forward=lambda *a: clock.advance(0.25)))])
     model(torch.randn(3, 4))
     capture.disarm()
-    assert spent == [0.25]
+    assert spent == [0.0, 0.25]  # each hook's whole time: the pre-hook (no fake time) and the reduction's
     tap = MicroBatchGradients(on_spent=spent.append, clock=clock)
     tap.arm(list(model.parameters()))
     model(torch.randn(3, 4)).sum().backward()
     tap.disarm()
-    assert len(spent) == 1 + 4  # one per parameter's hook (each took no fake time)
+    assert len(spent) == 2 + 4  # one per parameter's hook (each took no fake time)
 
 
     class SlowToy(ToyActivations):  # its reduction takes 2 s of the user's forward

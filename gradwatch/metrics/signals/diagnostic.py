@@ -27,8 +27,9 @@ pair). NaN where undefined: the pair tags before
 the text
 ``signals/pairs`` is a table of the current pairs with dataset indices, labels and the examples.
 
-Ranks: the probe batches are split in contiguous blocks across ranks (inside an extra pass a forward is
-local: FSDP2 modules are unsharded for the pass), each rank computes its block's losses and
+Ranks: the probe batches are split in contiguous blocks across ranks (under FSDP2 the forward is FSDP2's own
+sharded one, a collective, so a rank with a shorter block runs stand-in forwards to keep in step), each rank
+computes its block's losses and
 representations, and the blocks are gathered in probe order (the representations only when a pair needs
 them), so every rank holds the same window and makes the same report (rank zero's is written). Decisions
 that lead to collectives (a burst going on, the representation gather, the confirmation pass) are taken
@@ -54,7 +55,7 @@ from gradwatch.cadence import Cadence
 from gradwatch.checks import fail
 from gradwatch.functional.signals import OpposingPair, gradient_cosine, opposing_signals
 from gradwatch.functional.thumbnails import as_image
-from gradwatch.metrics.base import ChartGroup, Diagnostic, Results, StepContext
+from gradwatch.metrics.base import ChartGroup, Diagnostic, PassRefused, Results, StepContext
 from gradwatch.metrics.signals.config import SignalsConfig
 from gradwatch.metrics.signals.display import describe, opposing_pair_alert, pairs_table, pictures, record
 from gradwatch.metrics.signals.representation import LayerInputs, class_key, last_layer_name
@@ -97,6 +98,7 @@ class OpposingSignals(Diagnostic):
         self._last_step: int | None = None
         self._indices: list[int] = []
         self._burst_left = 0
+        self._no_confirm = False  # an FSDP2 model too large to unshard for the confirmation pass
         self._examples: dict[int, Any] = {}
         self._decode: Callable[[Any], str] | None = self.config.decode
         self._warned: set[str] = set()
@@ -131,12 +133,18 @@ class OpposingSignals(Diagnostic):
         mine = self._my_batches(len(batches), ctx.rank, ctx.world_size)
         heads = LayerInputs.of_input(ctx.model)
         local, feats = [], []
-        with ctx.extra_pass(grad=False) as extra, heads.capturing():
-            for j in mine:
-                batch = extra.cast(batches[j])
-                loss = probe.per_example_loss(extra.model, batch).detach().reshape(-1).float()
-                local.append(loss)
-                feats.append(heads.take(batch, loss.numel()))
+        error: Exception | None = None
+        try:
+            with ctx.extra_pass(grad=False) as extra, heads.capturing():
+                self._forwards(ctx, extra, probe, batches, mine, heads, local, feats)
+        except Exception as exc:  # after the pass's own clean-up (under FSDP2: resharded, FSDP's state reset)
+            error = exc
+        if ctx.world_size > 1:  # decided together, before the gathers: a failure on one rank fails every rank
+            flag = torch.tensor([0.0 if error is None else 1.0], device=getattr(probe, "device", None))
+            if float(ctx.all_reduce(flag, "max")[0]) > 0 and error is None:
+                error = RuntimeError("gradwatch: signals: the probe losses failed on another rank")
+        if error is not None:
+            raise error
         sizes, losses = self._gather(ctx, local, getattr(probe, "device", None))
         if losses.numel() != len(probe):
             raise ValueError(f"gradwatch: signals expected {len(probe)} per-example losses (one per probe "
@@ -146,14 +154,42 @@ class OpposingSignals(Diagnostic):
         labels = [class_key(ex) for ex in probe.examples]
         self.update(losses, ctx.step, probe.indices, features=lambda: self._gather_features(ctx, feats, len(probe), losses.device),
                     labels=labels)
-        if self.config.confirm:
+        if self.config.confirm and not self._no_confirm:
             self._confirm_last(ctx, probe, batches, mine, sizes, [t.numel() for t in local])
+
+    @staticmethod
+    def _forwards(ctx: StepContext, extra: Any, probe: Any, batches: list[Any], mine: list[int], heads: LayerInputs,
+                  local: list[Tensor], feats: list[Tensor | None]) -> None:
+        """This rank's probe losses (into ``local``) and representations (``feats``). Under FSDP2 each forward
+        is a collective (``extra.collective``): every rank runs ``ceil(batches / ranks)`` of them (stand-ins
+        discarded), and after a failure in the loss code the rest still run before it is raised, so no rank
+        waits alone in an all-gather. (A failure inside one rank's model forward, between two modules'
+        all-gathers, leaves the ranks out of step: no extra pass can mend that, nor can training.)"""
+        collective = bool(getattr(extra, "collective", False))
+        count = -(-len(batches) // max(1, ctx.world_size)) if collective else len(mine)
+        error: Exception | None = None
+        for k in range(count):
+            j = mine[k] if k < len(mine) else None
+            batch = extra.cast(batches[0 if j is None else j])
+            try:
+                loss = probe.per_example_loss(extra.model, batch).detach().reshape(-1).float()
+            except Exception as exc:
+                if not collective:
+                    raise
+                error = error or exc
+                heads.take(batch, 1)
+                continue
+            feat = heads.take(batch, loss.numel())
+            if j is not None and error is None:
+                local.append(loss)
+                feats.append(feat)
+        if error is not None:
+            raise error
 
     @staticmethod
     def _my_batches(n: int, rank: int, world: int) -> list[int]:
         """This rank's contiguous block of the ``n`` probe batches (``ceil(n / world)`` of them, fewer at the
-        end). Inside an extra pass a forward is local (FSDP2 modules are unsharded for the pass), so the
-        blocks need not be equal."""
+        end). Under FSDP2 a rank with fewer runs stand-in forwards (each forward is a collective)."""
         per = -(-n // max(1, world))
         return list(range(min(n, rank * per), min(n, (rank + 1) * per)))
 
@@ -220,28 +256,34 @@ class OpposingSignals(Diagnostic):
         start = sum(sizes[:ctx.rank])
         lengths = list(lengths)
         grads: list[Tensor | None] = [None, None]
-        with ctx.extra_pass(grad=True) as extra:
-            weight = extra.params.get(name)
-            if weight is None or not weight.requires_grad:
-                return
-            for j in mine:
-                n = lengths.pop(0)
-                here = side[start:start + n]
-                start += n
-                if not bool((here > 0).any()):
-                    continue
-                loss = probe.per_example_loss(extra.model, extra.cast(batches[j])).reshape(-1)
-                here = here.to(loss.device)
-                for k, (count, code) in enumerate(((len(target.a), 1), (len(target.b), 2))):
-                    mask = (here == code).to(loss.dtype)
-                    if not bool(mask.any()):
+        try:
+            with ctx.extra_pass(grad=True) as extra:
+                weight = extra.params.get(name)
+                if weight is None or not weight.requires_grad:
+                    return
+                for j in mine:
+                    n = lengths.pop(0)
+                    here = side[start:start + n]
+                    start += n
+                    if not bool((here > 0).any()):
                         continue
-                    (g,) = torch.autograd.grad((loss * mask).sum() / count, weight, retain_graph=k == 0,
-                                               allow_unused=True)
-                    if g is not None:
-                        grads[k] = g.detach() if grads[k] is None else grads[k] + g.detach()
-            ga = grads[0] if grads[0] is not None else torch.zeros_like(weight.detach())
-            gb = grads[1] if grads[1] is not None else torch.zeros_like(weight.detach())
+                    loss = probe.per_example_loss(extra.model, extra.cast(batches[j])).reshape(-1)
+                    here = here.to(loss.device)
+                    for k, (count, code) in enumerate(((len(target.a), 1), (len(target.b), 2))):
+                        mask = (here == code).to(loss.dtype)
+                        if not bool(mask.any()):
+                            continue
+                        (g,) = torch.autograd.grad((loss * mask).sum() / count, weight, retain_graph=k == 0,
+                                                   allow_unused=True)
+                        if g is not None:
+                            grads[k] = g.detach() if grads[k] is None else grads[k] + g.detach()
+                ga = grads[0] if grads[0] is not None else torch.zeros_like(weight.detach())
+                gb = grads[1] if grads[1] is not None else torch.zeros_like(weight.detach())
+        except PassRefused as exc:  # too large to unshard under FSDP2 (same on every rank): unconfirmed from now on
+            self._warn_once("confirm", f"{exc}. signals confirms no pair by its gradients for the rest of this "
+                                       "run (pairs alarm unconfirmed)")
+            self._no_confirm = True
+            return
         if ctx.world_size > 1:
             ga, gb = ctx.all_reduce(ga.clone()), ctx.all_reduce(gb.clone())
         target.cosine = float(gradient_cosine(ga, gb))
