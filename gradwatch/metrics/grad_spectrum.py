@@ -19,6 +19,7 @@ from gradwatch.cadence import Cadence, as_cadence
 from gradwatch.checks import check_bool, check_choice, check_int, fail
 from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, Results, StepContext
+from gradwatch.metrics.layer_faults import say_faults
 from gradwatch.registry import BuildInputs, Family
 
 SPECTRUM_STATS: tuple[str, ...] = STATISTICS
@@ -151,15 +152,18 @@ class GradSpectrum(Diagnostic):
     def observe(self, ctx: StepContext) -> None:
         matrices, indices = ctx.gradients()
         self.update(matrices, indices)
+        say_faults(ctx, self.tags, matrices, indices, self._last_bad)
 
     def update(self, matrices: Sequence[Tensor], indices: Sequence[int] | None = None) -> None:  # type: ignore[override]
         """Add one update: the gradient matrices of the layers at ``indices`` (default: all, in order)."""
         if indices is None:
             indices = range(len(matrices))
         if len(matrices) == 0:
+            self._last_bad = torch.zeros(0, dtype=torch.bool)
             self.updates += 1
             return
         values, bad = gradient_spectrum_statistics(matrices, self.stats, self.method)
+        self._last_bad = bad
         # the states' dtype may have been changed with .to(dtype) / set_dtype
         stacked = torch.stack([values[s] for s in self.stats]).to(self.total.device, self.total.dtype)
         idx = torch.as_tensor(list(indices), device=self.total.device)
