@@ -50,7 +50,8 @@ class GradWatch(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         sinks, self.log_dir = glue.sinks_for(trainer, self.config)
-        self.watcher.attach(pl_module, sinks=sinks, probe_source=glue.probe_source(trainer, pl_module, self.config))
+        self.watcher.attach(pl_module, sinks=sinks, probe_source=glue.probe_source(trainer, pl_module, self.config),
+                            resumed_at=trainer.global_step)
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         if batch_idx % glue.accumulation(trainer) == 0:
