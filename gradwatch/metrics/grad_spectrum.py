@@ -250,10 +250,11 @@ class PerExampleGradSpectrum(GradSpectrum):
         probe = ctx.probe()
         names = list(dict.fromkeys(w.param_name for w in ctx.watched))
         with ctx.extra_pass(grad=True) as extra:
+            names = self._within_memory(ctx, names, extra.params)
             params = {n: extra.params[n] for n in names}
-            grads = self._vmap_gradients(extra, probe, names, params) if self.use_vmap else None
+            grads = self._vmap_gradients(extra, probe, names, params) if self.use_vmap and names else None
             if grads is None:
-                grads = self._loop_gradients(extra, probe, names, params)
+                grads = self._loop_gradients(extra, probe, names, params) if names else {}
         mats, idx = [], []
         for i, w in enumerate(ctx.watched):  # every example's matrices in one grouped solve
             g = grads.get(w.param_name)
@@ -261,6 +262,20 @@ class PerExampleGradSpectrum(GradSpectrum):
                 mats.extend(w.matrix(g_k) for g_k in g)
                 idx.extend([i] * len(g))
         self.update(mats, idx)
+
+    def _within_memory(self, ctx: StepContext, names: list[str], params: Any) -> list[str]:
+        """The parameters whose one-example gradient fits in ``max_bytes``; each left out is said once (its
+        per-example statistics log NaN; the mini-batch spectra, which need no extra copy, still cover it)."""
+        kept = []
+        for n in names:
+            size = params[n].numel() * params[n].element_size()
+            if size <= self.max_bytes:
+                kept.append(n)
+            else:
+                ctx.say_once(f"spectra:too_large:{n}", f"gradwatch: per-example spectra skip {n}: one example's "
+                             f"gradient is {size:,} bytes, over the {self.max_bytes:,}-byte memory "
+                             "cap of the per-example pass; its per-example statistics log NaN (said once)")
+        return kept
 
     def _loop_gradients(self, extra: Any, probe: Any, names: list[str],
                         params: Any) -> dict[str, list[Tensor]]:

@@ -259,3 +259,33 @@ def test_nan_loss(nan_loss):
     (said,) = [m for m in messages if "Sharpness" in m]
     assert "training loss on the probe set is nan" in said
     assert not [m for m in messages if re.match(DIVISION, m)]
+
+
+def test_layer_over_the_per_example_memory_cap_is_skipped_and_said_once(tmp_path, monkeypatch):
+    """The one memory cap of the spectra: the per-example pass keeps one example's gradients under
+    ``PerExampleGradSpectrum.max_bytes`` (512 MiB; here 2 KiB). A layer whose single-example gradient is over
+    it (64 x 16 float32: 4 KiB) is left out of that pass, said once; the mini-batch spectra still cover it."""
+    from functools import partialmethod
+
+    from _support.lit import Classifier, fit, loader
+
+    from gradwatch.callbacks.lightning import GradWatch
+    from gradwatch.metrics.grad_spectrum import PerExampleGradSpectrum
+
+    monkeypatch.setattr(PerExampleGradSpectrum, "__init__",
+                        partialmethod(PerExampleGradSpectrum.__init__, max_bytes=2048))
+    module = Classifier()
+    torch.manual_seed(0)
+    module.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 3))
+    gw = GradWatch(spectra=SpectraConfig(every=1, per_example=True, per_example_every=1, per_example_size=4),
+                   max_overhead=None)
+    (trainer, _), messages = recorded(lambda: fit(tmp_path, [gw], max_steps=3, module=module, data=loader(32, 8)))
+    assert trainer.global_step == 3
+    s = read_series(tmp_path, ["grad_spectrum/"])
+    big = "grad_spectrum/per_example/nuclear_norm/net.2.weight"
+    assert len(s[big]) == 3 and all(math.isnan(v) for v in s[big].values())
+    for tag in ("grad_spectrum/per_example/nuclear_norm/net.0.weight", "grad_spectrum/nuclear_norm/net.2.weight"):
+        assert len(s[tag]) == 3 and all(math.isfinite(v) and v > 0 for v in s[tag].values()), tag
+    (said,) = naming(messages, "net.2.weight")
+    assert "memory cap" in said and "4,096 bytes" in said and "2,048-byte" in said
+    assert not [m for m in messages if re.match(DIVISION, m) or "failed" in m], messages
