@@ -54,7 +54,8 @@ class GradWatch(Callback):
         with self.watcher.counting(warmup=True):
             sinks, self.log_dir = glue.sinks_for(trainer, self.config)
             self.watcher.attach(pl_module, sinks=sinks,
-                                probe_source=glue.probe_source(trainer, pl_module, self.config))
+                                probe_source=glue.probe_source(trainer, pl_module, self.config),
+                                resumed_at=trainer.global_step)
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         with self.watcher.counting():

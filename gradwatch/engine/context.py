@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 from gradwatch.engine.fsdp import is_fsdp2, pass_scope
 from gradwatch.engine.layers import GradientShard, gradient_matrices, gradient_shards, unwrap_optimizer
 from gradwatch.engine.ranks import Ranks
+from gradwatch.engine.rng import preserved_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradwatch.engine.hooks import MicroBatchGradients
@@ -87,7 +88,7 @@ def extra_pass(model: nn.Module, *, grad: bool = True, float32: bool = True,
             pass
     sharded = is_fsdp2(model)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(preserved_rng(devices))
         stack.enter_context(kernel)
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         model.eval()

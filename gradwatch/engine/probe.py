@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, default_collate
 
+from gradwatch.engine.rng import preserved_rng
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 NO_LOSS_MESSAGE = (
@@ -139,6 +141,11 @@ class ProbeSet:
         dataset smaller than ``size`` is used whole, and a RuntimeWarning says so."""
         if size < 1:
             raise ValueError(f"gradwatch: probe size expected an int >= 1, got {size!r}")
+        with preserved_rng():  # a dataset that augments draws from the user's generators
+            return cls._draw(dataset, size, seed, collate_fn, **kwargs)
+
+    @classmethod
+    def _draw(cls, dataset: Any, size: int, seed: int, collate_fn: Callable | None, **kwargs: Any) -> ProbeSet:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             examples = []
             for ex in dataset:  # type: ignore[union-attr]
@@ -164,7 +171,8 @@ class ProbeSet:
         return len(self.examples)
 
     def _collate(self, chunk: list[Any]) -> Any:
-        return move_to_device(self.collate_fn(chunk), self.device)
+        with preserved_rng():  # a collator that masks or pads at random draws from the user's generators
+            return move_to_device(self.collate_fn(chunk), self.device)
 
     def batches(self, limit: int | None = None, batch_size: int | None = None, drop_last: bool = False) -> list[Any]:
         """The probe set (or its first ``limit`` examples) as collated batches on the device (cached).

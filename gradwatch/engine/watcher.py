@@ -109,9 +109,10 @@ class Watcher:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def attach(self, model: nn.Module, *, sinks: Sequence[Sink] = (),
-               probe_source: Callable[[int], ProbeSet] | None = None) -> None:
+               probe_source: Callable[[int], ProbeSet] | None = None, resumed_at: int = 0) -> None:
         """Find the layers, build the diagnostics, draw the probe set, open the sinks. Raises on bad
-        include/exclude patterns and on a probe that cannot be drawn."""
+        include/exclude patterns and on a probe that cannot be drawn. ``resumed_at``: the host's step when it
+        resumed from a checkpoint (0: a fresh run); with no gradwatch state restored, said once."""
         t0 = self.clock()
         self._disarm()
         self._new_run()
@@ -136,6 +137,11 @@ class Watcher:
         if self._restored is not None:
             self._load(self._restored)
             self._restored = None
+        elif resumed_at:
+            self._warn_once("resume:fresh", f"gradwatch: the run resumes at step {resumed_at} from a checkpoint "
+                            "without gradwatch state (written without gradwatch); gradwatch starts afresh there: "
+                            "intervals, warm starts and probe windows begin anew, its series continue at step "
+                            f"{resumed_at + 1}")
         if self.probe_size():
             self.probe()  # drawn now, so a probe that cannot be drawn fails at train start
         charts = [ChartGroup("gradwatch", "overhead", ("gradwatch/overhead",))]

@@ -206,7 +206,8 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
                                  method: SpectrumMethod = "gram") -> tuple[dict[str, Tensor], Tensor]:
     """Spectrum statistics of many matrices, grouped by shape and device so each group is one batched solve.
 
-    A non-finite matrix (inf or NaN anywhere) never raises: its statistics are NaN.
+    A non-finite matrix (inf or NaN anywhere) never raises: its statistics are NaN, as are those of a 0-size
+    matrix (no singular values; not counted as non-finite).
 
     Args:
         matrices: L matrices (2-D; use :func:`as_matrix` for conv kernels), any shapes.
@@ -224,8 +225,9 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
     for i, m in enumerate(matrices):
         if m.ndim != 2:
             raise ValueError(f"gradwatch: expected 2-D matrices, got shape {tuple(m.shape)} at index {i}")
-    out = {name: torch.empty(len(matrices), dtype=torch.float64, device=device) for name in stats}
-    nonfinite = torch.empty(len(matrices), dtype=torch.bool, device=device)
+    out = {name: torch.full((len(matrices),), math.nan, dtype=torch.float64, device=device) for name in stats}
+    nonfinite = torch.zeros(len(matrices), dtype=torch.bool, device=device)
+    empty = {i for i, m in enumerate(matrices) if m.numel() == 0}  # a 0 x n matrix has no spectrum: NaN
 
     def store(idx: list[int], values: dict[str, Tensor], bad: Tensor) -> None:
         index = torch.tensor(idx, device=device)
@@ -233,7 +235,7 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
             out[name][index] = torch.where(bad, math.nan, v).to(device)
         nonfinite[index] = bad.to(device)
 
-    host = [i for i, m in enumerate(matrices) if method == "gram" and m.device.type == "cpu"]
+    host = [i for i, m in enumerate(matrices) if method == "gram" and m.device.type == "cpu" and i not in empty]
     if host:  # one matrix per task, spread over the cores; then statistics per group of equal rank
         values_, fro_sq_, bad_ = _host_gram_spectra([matrices[i] for i in host])
         by_rank: dict[int, list[int]] = {}
@@ -243,7 +245,7 @@ def gradient_spectrum_statistics(matrices: Sequence[Tensor], stats: Sequence[str
             store([host[j] for j in js],
                   spectrum_statistics(torch.stack([values_[j] for j in js]), fro_sq_[js], stats), bad_[js])
     groups: dict[tuple, list[int]] = {}
-    hosted = set(host)
+    hosted = set(host) | empty
     for i, m in enumerate(matrices):
         if i not in hosted:
             groups.setdefault((tuple(m.shape), m.device, m.dtype), []).append(i)

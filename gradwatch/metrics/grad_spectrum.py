@@ -19,6 +19,7 @@ from gradwatch.cadence import Cadence, as_cadence
 from gradwatch.checks import check_bool, check_choice, check_int, fail
 from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, LayersFailed, Results, StepContext
+from gradwatch.metrics.layer_faults import say_faults
 from gradwatch.metrics.spectra_ranks import spread_spectra
 from gradwatch.registry import BuildInputs, Family
 
@@ -177,6 +178,9 @@ class GradSpectrum(Diagnostic):
         idx = [j for j in range(len(self.tags)) if bool(spread.present[j])]
         self.update([], idx, values=spread.values[:, idx], nonfinite=spread.nonfinite[idx],
                     extra_bytes=spread.peak_bytes)
+        if ctx.world_size == 1:  # the faults are named from the gradients one process holds (views: no copy)
+            matrices, indices = ctx.gradients()
+            say_faults(ctx, self.tags, matrices, indices, spread.nonfinite[list(indices)])
         if spread.errors:
             j, exc = spread.errors[0]
             raise LayersFailed(f"computing {len(spread.failed)} layer(s) failed on rank {ctx.rank} (a gap at "
@@ -288,10 +292,11 @@ class PerExampleGradSpectrum(GradSpectrum):
         probe = ctx.probe()
         names = list(dict.fromkeys(w.param_name for w in ctx.watched))
         with ctx.extra_pass(grad=True) as extra:
+            names = self._within_memory(ctx, names, extra.params)
             params = {n: extra.params[n] for n in names}
-            grads = self._vmap_gradients(extra, probe, names, params) if self.use_vmap else None
+            grads = self._vmap_gradients(extra, probe, names, params) if self.use_vmap and names else None
             if grads is None:
-                grads = self._loop_gradients(extra, probe, names, params)
+                grads = self._loop_gradients(extra, probe, names, params) if names else {}
         mats, idx = [], []
         for i, w in enumerate(ctx.watched):  # every example's matrices in one grouped solve
             g = grads.get(w.param_name)
@@ -299,6 +304,20 @@ class PerExampleGradSpectrum(GradSpectrum):
                 mats.extend(w.matrix(g_k) for g_k in g)
                 idx.extend([i] * len(g))
         self.update(mats, idx)
+
+    def _within_memory(self, ctx: StepContext, names: list[str], params: Any) -> list[str]:
+        """The parameters whose one-example gradient fits in ``max_bytes``; each left out is said once (its
+        per-example statistics log NaN; the mini-batch spectra, which need no extra copy, still cover it)."""
+        kept = []
+        for n in names:
+            size = params[n].numel() * params[n].element_size()
+            if size <= self.max_bytes:
+                kept.append(n)
+            else:
+                ctx.say_once(f"spectra:too_large:{n}", f"gradwatch: per-example spectra skip {n}: one example's "
+                             f"gradient is {size:,} bytes, over the {self.max_bytes:,}-byte memory "
+                             "cap of the per-example pass; its per-example statistics log NaN (said once)")
+        return kept
 
     def _loop_gradients(self, extra: Any, probe: Any, names: list[str],
                         params: Any) -> dict[str, list[Tensor]]:

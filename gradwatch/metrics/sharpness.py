@@ -153,7 +153,11 @@ class Sharpness(Diagnostic):
             batches = [extra.cast(b) for b in batches]
 
             def loss() -> Tensor:
-                return sum(probe.training_loss(extra.model, b) for b in batches) / len(batches)
+                value = sum(probe.training_loss(extra.model, b) for b in batches) / len(batches)
+                if not bool(torch.isfinite(value.detach()).all()):  # no Hessian of a NaN loss: say so, not LAPACK
+                    raise FloatingPointError(f"the training loss on the probe set is {float(value)}: no Hessian "
+                                             "at this step")
+                return value
 
             def precond() -> Tensor | None:
                 if info is None or not info.preconditioned or not cfg.precondition:
