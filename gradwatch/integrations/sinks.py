@@ -31,13 +31,19 @@ class _WriteGuard:
 
 class GuardedSink:
     """``sink`` whose calls are dropped once its run's :class:`_WriteGuard` saw an ``OSError`` (other
-    attributes, e.g. the heatmap history, are the wrapped sink's)."""
+    attributes, e.g. the heatmap history, are the wrapped sink's, read or set)."""
 
     def __init__(self, sink: Sink, guard: _WriteGuard) -> None:
         self.sink, self.guard = sink, guard
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["sink"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("sink", "guard"):
+            object.__setattr__(self, name, value)
+        else:  # transparent both ways: a set attribute lands on the wrapped sink
+            setattr(self.sink, name, value)
 
     def _call(self, method: str, *args: Any) -> Any:
         if self.guard.broken:
