@@ -98,7 +98,7 @@ def _inject(mode: str, rank: int, step: list[int]) -> None:
 
 
 def run(mode: str, rank: int, world: int, calls: list[int]) -> dict:
-    from gradwatch import SpectraConfig, WatchConfig
+    from gradwatch import SpectraConfig, StabilityConfig, WatchConfig
     from gradwatch.engine import Watcher
     from gradwatch.functional.spectra import STATISTICS, gradient_spectrum_statistics
     from gradwatch.metrics import GradSpectrum, spectra_ranks
@@ -118,15 +118,17 @@ def run(mode: str, rank: int, world: int, calls: list[int]) -> dict:
     else:
         wrapped = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
-    off = {f.key: False for f in families() if f.key != "spectra"}
-    config = WatchConfig(**off, max_overhead=None, on_error="warn",
+    off = {f.key: False for f in families() if f.key not in ("spectra", "stability")}
+    config = WatchConfig(**off, max_overhead=None, on_error="warn", stability=StabilityConfig(spike_every=1, adam=False),
                          spectra=SpectraConfig(every=1, heatmap_every=0, shard_buffer_bytes=CAP))
     watcher = Watcher(config)
     watcher.attach(wrapped)
     spectrum = next(d for d in watcher.diagnostics if type(d) is GradSpectrum)
+    spikes = next(d for d in watcher.diagnostics if type(d).__name__ == "GradNormSpikes")
     step = [0]
     _inject(mode, rank, step)
-    out: dict = {"logged": {}, "reference": {}, "full_tensor_calls": 0, "owners": {}, "warnings": []}
+    out: dict = {"logged": {}, "reference": {}, "full_tensor_calls": 0, "owners": {}, "warnings": [],
+                 "grad_norm": {}, "grad_norm_reference": {}}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -146,6 +148,8 @@ def run(mode: str, rank: int, world: int, calls: list[int]) -> dict:
                     grads[n] = g.full_tensor() if hasattr(g, "full_tensor") else g
                 mats = [w.matrix(grads[w.param_name].detach()) for w in watcher.layers.matrices]
                 ref, _ = gradient_spectrum_statistics([m.double() for m in mats], STATISTICS, "svdvals")
+                out["grad_norm"][t] = float(spikes.detector.history()[-1])
+                out["grad_norm_reference"][t] = float(sum(m.double().square().sum() for m in mats).sqrt())
                 out["reference"][t] = {f"grad_spectrum/{s}/{w.tag}": float(ref[s][k])
                                        for s in STATISTICS for k, w in enumerate(watcher.layers.matrices)}
                 opt.step()

@@ -398,14 +398,46 @@ def test_loss_spikes_contract_and_alerts() -> None:
     assert fresh.detector.seen == 30
 
 
+def _shard(stored: torch.Tensor, shape: tuple[int, int], *, sharded: bool = False,
+           rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> Any:
+    from gradwatch.engine.layers import GradientShard
+
+    return GradientShard(stored, stored.shape[0], shape, rows or (0, shape[0]), cols or (0, shape[1]), sharded)
+
+
 def test_grad_norm_spikes_observe() -> None:
     d = GradNormSpikes(config=StabilityConfig(spike_window=10, spike_warmup=3))
     for step in range(1, 6):
-        mats = [torch.full((2, 2), 1.0 + 0.01 * step), torch.ones(3)]
-        d.observe(_ctx(step=step, gradients=lambda mats=mats: (mats, [0, 1])))
+        mats = [torch.full((2, 2), 1.0 + 0.01 * step), torch.ones(1, 3)]
+        shards = [_shard(m, tuple(m.shape)) for m in mats]
+        d.observe(_ctx(step=step, world_size=1, rank=0, grad_scale=None, gradient_shards=lambda s=shards: s))
     assert d.detector.seen == 5
     hist = d.detector.history()
     assert hist[-1].item() == pytest.approx(math.sqrt(4 * 1.05 ** 2 + 3))
+    # a watched block (the middle columns of a fused matrix) counts only its own entries; the grad scale applies
+    fused = torch.arange(12.0).reshape(2, 6)
+    d.observe(_ctx(step=6, world_size=1, rank=0, grad_scale=0.5,
+                   gradient_shards=lambda: [_shard(fused, (2, 6), cols=(2, 4))]))
+    assert d.detector.history()[-1].item() == pytest.approx(0.5 * float(fused[:, 2:4].norm()))
+
+
+def test_grad_norm_spikes_from_fsdp2_row_shards_equal_the_whole_gradient() -> None:
+    """Two ranks' row shards (torch.chunk layout: 3 + 2 rows of 5, the watched block rows 1..4) and a block
+    both ranks hold whole (counted once): the all-reduced norm is that of the whole matrices."""
+    torch.manual_seed(0)
+    whole, small = torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    expected = math.sqrt(float(whole[1:4].square().sum() + small.square().sum()))
+    parts = [whole[:3], whole[3:]]
+    terms = []
+    for rank in (0, 1):
+        shards = [_shard(parts[rank], (5, 4), sharded=True, rows=(1, 4)), _shard(small, (2, 3))]
+        seen: list = []
+        ctx = _ctx(world_size=2, rank=rank, grad_scale=None, gradient_shards=lambda s=shards: s,
+                   all_reduce=lambda t, op="sum", seen=seen: seen.append(t.clone()) or t)
+        GradNormSpikes(config=StabilityConfig()).observe(ctx)
+        terms.append(seen[0])
+    summed = terms[0] + terms[1]  # what the all-reduce gives every rank
+    assert summed[0].sqrt().item() == pytest.approx(expected, rel=1e-12) and summed[1].item() == 3
 
 
 def test_noise_scale_logs_only_when_offered() -> None:

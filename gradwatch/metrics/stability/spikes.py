@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -137,15 +137,49 @@ class LossSpikes(_Spikes):
 
 class GradNormSpikes(_Spikes):
     """Spikes of the gradient norm (``stability/spike/grad_norm``): the Frobenius norm over the watched
-    matrices' true gradients (unscaled, pre-clip), when they are ready."""
+    matrices' true gradients (unscaled, pre-clip), when they are ready,
+    ||G|| = sqrt(sum_l ||G_l||_F^2) * grad_scale.
+
+    Under FSDP2 no gradient is made whole: each rank sums the squares of its own rows of each watched block
+    and one all-reduce adds the ranks' sums (the rows a rank holds follow FSDP2's ``torch.chunk`` layout)."""
 
     quantity = "grad_norm"
     label = "gradient norm"
-    needs = frozenset({"gradients", "optimizer"})
+    needs = frozenset({"gradient_shards", "optimizer"})
     phase = "gradients_ready"
+    runs_on = "all_ranks"  # FSDP2: the ranks' sums of squares are all-reduced (DDP, one process: no collective)
 
     def observe(self, ctx: StepContext) -> None:
         self._begin_observe(ctx)
-        matrices, _ = ctx.gradients()
-        if matrices:
-            self.update(_total_norm([m.detach() for m in matrices]))
+        shards = ctx.gradient_shards()
+        if any(s.sharded for s in shards):
+            self.update(_sharded_norm(ctx, shards))
+            return
+        blocks = [s.stored[s.rows[0]:s.rows[1], s.cols[0]:s.cols[1]] for s in shards if s.stored is not None]
+        if blocks:
+            norm = _total_norm(blocks)
+            self.update(norm if ctx.grad_scale is None else norm * ctx.grad_scale)
+
+
+def _sharded_norm(ctx: StepContext, shards: Sequence[Any]) -> Tensor:
+    """The true gradient norm from row shards: this rank's sum of squares over its rows of every watched
+    block (a block every rank holds whole counts on rank zero only), all-reduced; NaN where no rank has one."""
+    from gradwatch.functional.gram_shards import piece
+
+    total = torch.zeros((), dtype=torch.float64, device=next((s.stored.device for s in shards
+                                                              if s.stored is not None), "cpu"))
+    held = torch.zeros((), dtype=torch.float64, device=total.device)
+    for s in shards:
+        if s.stored is None or (not s.sharded and ctx.rank != 0):
+            continue
+        if s.sharded:  # FSDP2 chunks dim 0 with torch.chunk: rank r holds rows [r c, (r + 1) c), c = ceil(a / world)
+            per_rank = -(-s.shape[0] // ctx.world_size)
+            lo, hi, _ = piece(s.rows, min(ctx.rank * per_rank, s.shape[0]), s.stored_rows)
+        else:
+            lo, hi = s.rows
+        block = s.stored[lo:hi, s.cols[0]:s.cols[1]]
+        total += torch.linalg.vector_norm(block, dtype=torch.float64).to(total.device).square()
+        held += 1
+    both = ctx.all_reduce(torch.stack([total, held]), "sum")
+    norm = both[0].sqrt() if float(both[1]) > 0 else torch.tensor(math.nan, dtype=torch.float64)
+    return norm if ctx.grad_scale is None else norm * ctx.grad_scale
