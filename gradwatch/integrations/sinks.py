@@ -60,6 +60,10 @@ class GuardedSink:
     def write(self, step: int, emission: Emission) -> None:
         self._call("write", step, emission)
 
+    def resume(self, step: int) -> None:
+        if hasattr(self.sink, "resume"):
+            self._call("resume", step)
+
     def flush(self) -> None:
         self._call("flush")
 
