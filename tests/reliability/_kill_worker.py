@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: _support
 
-EVERY, KILL_AT, END = 3, 8, 10
+EVERY, KILL_AT, END = 3, 5, 6  # checkpoints at 3 (and 6); killed at the end of 5; resumed from 3 to 6
 
 
 def config(log_dir: str | None = None) -> Any:

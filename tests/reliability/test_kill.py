@@ -1,9 +1,10 @@
 """``kill -9`` in the middle of a run, then a resume from the last checkpoint, through Lightning and Hugging Face.
 
 A worker trains with spectra, signals and stability at every step and sharpness every 2 (budget off), a
-checkpoint every 3 steps; at step 8 it flushes its writers and is killed (SIGKILL). The test then tears the
-last line of each JSONL file (half a row, no newline), resumes from the step-6 checkpoint to step 10 in the
-same run directory and trains the same run uninterrupted for reference. Then every JSONL file parses line by
+checkpoint every 3 steps; at step 5 it flushes its writers and is killed (SIGKILL). The test then tears the
+last line of each JSONL file (half a row, no newline), resumes from the step-3 checkpoint to step 6 in the
+same run directory (in its own process) and trains the same run uninterrupted for reference. Both hosts'
+workers start at once (a module fixture), so their start-up overlaps. Then every JSONL file parses line by
 line, ``gradwatch report`` and ``gradwatch compare`` run on it, and every series has each step of the
 uninterrupted run exactly once: JSONL rows past the checkpoint gave way to the resumed run's, TensorBoard
 read back by gradwatch's reader takes the resumed run's values (Lightning: the host's writer keeps both), and
@@ -31,7 +32,6 @@ from gradwatch.integrations.report import load_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_kill_worker.py")
-CHECKPOINT, KILLED_AT, END = 6, 8, 10
 RUN_DIR = {"lightning": "tb/version_0", "hf": "gw"}
 TORN = '{"step": 9, "changes": [{"layer": "net.0.we'
 
@@ -43,17 +43,39 @@ def worker():
     return module
 
 
-def kill_mid_run(host: str, root: Path) -> None:
+W = worker()
+CHECKPOINT, KILLED_AT, END = W.EVERY, W.KILL_AT, W.END
+
+
+def start(host: str, root: Path) -> subprocess.Popen:
     with open(root / "kill.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, WORKER, host, "kill", str(root)], cwd=HERE, env=clean_environment(),
+        return subprocess.Popen([sys.executable, WORKER, host, "kill", str(root)], cwd=HERE, env=clean_environment(),
                                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not (root / "progress").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+
+
+def kill_mid_run(proc: subprocess.Popen, root: Path) -> None:
+    """Wait until the worker is past step ``KILLED_AT``, then ``kill -9`` it."""
+    deadline = time.monotonic() + 180
+    while not (root / "progress").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and (root / "progress").exists(), (root / "kill.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """Both hosts' killable runs, started at once: ``{host: (process, root)}``; any left running are killed."""
+    out = {}
+    for host in RUN_DIR:
+        root = tmp_path_factory.mktemp(f"kill_{host}")
+        out[host] = (start(host, root), root)
+    yield out
+    for proc, _ in out.values():
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and (root / "progress").exists(), (root / "kill.log").read_text()[-3000:]
+            proc.wait()
 
 
 def event_steps(run_dir: Path, purge: bool) -> tuple[dict[str, list[int]], list[dict[str, dict[int, float]]]]:
@@ -85,8 +107,9 @@ def jsonl_steps(run_dir: Path) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("host", ["lightning", "hf"])
-def test_kill_9_mid_run_then_resume_continues_every_series_once(host: str, tmp_path: Path) -> None:
-    kill_mid_run(host, tmp_path)
+def test_kill_9_mid_run_then_resume_continues_every_series_once(host: str, workers: dict) -> None:
+    proc, tmp_path = workers[host]
+    kill_mid_run(proc, tmp_path)
     run_dir, reference = tmp_path / RUN_DIR[host], tmp_path / "reference" / RUN_DIR[host]
     killed = jsonl_steps(run_dir)
     assert killed and max(max(s) for s in killed.values()) == KILLED_AT  # rows past the checkpoint were written
@@ -99,7 +122,7 @@ def test_kill_9_mid_run_then_resume_continues_every_series_once(host: str, tmp_p
     assert {name: [r["step"] for r in rows] for name, rows in torn.items()} == killed
     assert len(caught) == len(killed) and all("(torn" in str(w.message) for w in caught)
     with pytest.warns(RuntimeWarning, match=r"signals.jsonl: skipped line \d+ \(torn"):
-        assert main(["report", str(run_dir), "-o", str(tmp_path / "report_killed")]) == 0  # a torn run reads too
+        assert load_run(run_dir).signals  # what `gradwatch report` reads: a torn run reads too
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -126,14 +149,14 @@ def test_kill_9_mid_run_then_resume_continues_every_series_once(host: str, tmp_p
     assert len(files) == 2  # the killed run's event file and the resumed run's
     twice = {t: sorted({s for s in steps if steps.count(s) > 1}) for t, steps in read.items()}
     tag = "grad_spectrum/frobenius_norm/net.0.weight"
-    assert sorted(files[0][tag]) == list(range(1, KILLED_AT + 1))  # the killed run wrote 7 and 8
-    if host == "hf":  # gradwatch's own writer: its session start at step 7 purged the killed run's 7 and 8
+    assert sorted(files[0][tag]) == list(range(1, KILLED_AT + 1))  # the killed run wrote past its checkpoint
+    if host == "hf":  # gradwatch's own writer: its session start at step 4 purged the killed run's 4 and 5
         assert not any(twice.values()), {t: s for t, s in twice.items() if s}
     else:  # the host's writer (Lightning's logger) keeps both; gradwatch's reader takes the resumed run's
         assert set().union(*map(set, twice.values())) <= set(range(CHECKPOINT + 1, KILLED_AT + 1))
-        assert twice[tag] == [7, 8]
-        assert run.scalars[tag].values[6:8].tolist() == [files[1][tag][7], files[1][tag][8]]
-        assert files[0][tag][7] != files[1][tag][7]  # Lightning restarts the epoch: other batches than the killed run's
+        assert twice[tag] == list(range(CHECKPOINT + 1, KILLED_AT + 1))
+        assert run.scalars[tag].values[CHECKPOINT:KILLED_AT].tolist() == [files[1][tag][s] for s in twice[tag]]
+        assert files[0][tag][KILLED_AT] != files[1][tag][KILLED_AT]  # Lightning restarts the epoch: other batches
 
     assert main(["report", str(run_dir), "-o", str(tmp_path / "report")]) == 0
     assert main(["compare", str(reference), str(run_dir), "-o", str(tmp_path / "compare")]) == 0
