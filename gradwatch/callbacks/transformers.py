@@ -103,7 +103,7 @@ class GradWatch(TrainerCallback):
             self.watcher.load_state_dict(saved)
         self.watcher.attach(model, sinks=sinks,
                             probe_source=glue.probe_source(trainer, args, model, train_dataloader, self.config),
-                            resumed_at=getattr(state, "global_step", 0))
+                            resumed_at=0 if saved is not None else getattr(state, "global_step", 0))
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         with self.watcher.counting():

@@ -43,9 +43,6 @@ class Sink(Protocol):
 
     def flush(self) -> None: ...
 
-    # optional: ``resume(step)``, called after ``open`` when the run resumes at ``step`` from a checkpoint, before
-    # the first write (the JSONL sink drops rows past it; see gradwatch.integrations.jsonl)
-
     def close(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:

@@ -112,8 +112,7 @@ class Watcher:
                probe_source: Callable[[int], ProbeSet] | None = None, resumed_at: int = 0) -> None:
         """Find the layers, build the diagnostics, draw the probe set, open the sinks. Raises on bad
         include/exclude patterns and on a probe that cannot be drawn. ``resumed_at``: the host's step when it
-        resumed from a checkpoint (0: a fresh run); with no gradwatch state restored, said once. The sinks
-        are told (``resume``), so what the interrupted run wrote past it gives way to the resumed run's."""
+        resumed from a checkpoint (0: a fresh run); with no gradwatch state restored, said once."""
         t0 = self.clock()
         self._disarm()
         self._new_run()
@@ -150,8 +149,6 @@ class Watcher:
             charts.extend(d.charts())
         for sink in self.sinks:
             sink.open(charts)
-            if resumed_at and hasattr(sink, "resume"):
-                sink.resume(resumed_at)  # rows the interrupted run wrote past the checkpoint give way
         self._spent(t0, warmup=True)
 
     def close(self) -> None:
