@@ -81,21 +81,6 @@ def read_records(path: str | os.PathLike, *, strict: bool = False) -> list[dict[
     return out
 
 
-def cut_torn_tail(path: str | os.PathLike) -> bool:
-    """Cut a last line with no newline after it (a write cut short) from ``path``; whether there was one."""
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return False
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return False
-        f.seek(0)
-        data = f.read()
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
-
-
 _TORN = object()  # a line that does not parse
 
 
@@ -107,6 +92,26 @@ def _step_of(line: bytes) -> Any:
         return _TORN
     step = row.get("step") if isinstance(row, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def cut_torn_tail(path: str | os.PathLike) -> bool:
+    """Cut a torn last line (no newline after it, and it does not parse: a write cut short) from ``path``
+    (one that parses gets its newline); whether there was one."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return False
+        f.seek(0)
+        data = f.read()
+        start = data.rfind(b"\n") + 1
+        if _step_of(data[start:]) is _TORN:
+            f.truncate(start)
+            return True
+        f.write(b"\n")
+    return False
 
 
 def drop_rows_after(path: str | os.PathLike, step: int) -> int:

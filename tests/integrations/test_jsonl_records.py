@@ -81,6 +81,8 @@ def test_cut_torn_tail(tmp_path: Path) -> None:
     path = torn_file(tmp_path)
     assert cut_torn_tail(path) and path.read_text().endswith(rows(5))
     assert not cut_torn_tail(path)
+    path.write_text(rows(1) + json.dumps({"step": 2}))  # whole, its newline not yet written: kept
+    assert not cut_torn_tail(path) and path.read_text() == rows(1) + json.dumps({"step": 2}) + "\n"
 
 
 def test_sink_reopened_cuts_the_torn_tail_before_appending(tmp_path: Path) -> None:
