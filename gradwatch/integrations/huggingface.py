@@ -316,15 +316,15 @@ def sinks_for(args: Any, state: Any, config: WatchConfig, writer: Any) -> tuple[
     if not state.is_world_process_zero:
         return [], None
     if config.log_dir is not None:
-        return build_sinks(log_dir=config.log_dir)
+        return build_sinks(log_dir=config.log_dir, resumed_at=getattr(state, "global_step", 0))
     if writer is not None:
-        return build_sinks(writer=writer)
+        return build_sinks(writer=writer, resumed_at=getattr(state, "global_step", 0))
     from transformers.integrations.integration_utils import default_logdir
 
     log_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, default_logdir())
     print(f"gradwatch: no TensorBoard writer on this Trainer (report_to has no 'tensorboard'); "
           f"writing TensorBoard files to {log_dir}")
-    return build_sinks(log_dir=log_dir)
+    return build_sinks(log_dir=log_dir, resumed_at=getattr(state, "global_step", 0))
 
 
 STATE_FILE = "gradwatch_state.pt"

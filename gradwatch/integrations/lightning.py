@@ -100,11 +100,11 @@ def sinks_for(trainer: Any, config: WatchConfig) -> tuple[list[Sink], str | None
         return [], None
     writer = tensorboard_writer(trainer) if config.log_dir is None else None
     if writer is not None:
-        return build_sinks(writer=writer)
+        return build_sinks(writer=writer, resumed_at=getattr(trainer, "global_step", 0))
     log_dir = config.log_dir or os.path.join(trainer.default_root_dir, "gradwatch")
     why = "log_dir was given" if config.log_dir is not None else "no TensorBoardLogger on this Trainer"
     print(f"gradwatch: {why}; writing TensorBoard files to {log_dir}")
-    return build_sinks(log_dir=log_dir)
+    return build_sinks(log_dir=log_dir, resumed_at=getattr(trainer, "global_step", 0))
 
 
 def true_gradient_factor(trainer: Any, optimizer: Any) -> tuple[float | None, bool]:

@@ -60,6 +60,9 @@ class GuardedSink:
     def write(self, step: int, emission: Emission) -> None:
         self._call("write", step, emission)
 
+    def resume(self, step: int) -> None:
+        self._call("resume", step)
+
     def flush(self) -> None:
         self._call("flush")
 
@@ -73,10 +76,11 @@ class GuardedSink:
         self.sink.load_state_dict(state)
 
 
-def build_sinks(*, writer: Any = None, log_dir: str | None = None) -> tuple[list[Sink], str]:
+def build_sinks(*, writer: Any = None, log_dir: str | None = None, resumed_at: int = 0) -> tuple[list[Sink], str]:
     """Sinks writing with the host's ``writer`` (its run directory) or into ``log_dir``; returns them and the
     run directory. A ``log_dir`` that cannot be created (a path under a file, no permission) warns and gives
-    no sinks."""
+    no sinks. ``resumed_at``: the host's step when it resumed from a checkpoint (0: a fresh run); each sink's
+    ``resume`` then lets what the interrupted run wrote past it give way to the resumed run's."""
     try:
         tb = TensorBoardSink(writer=writer) if writer is not None else TensorBoardSink(log_dir=log_dir)
     except OSError as exc:
@@ -84,4 +88,8 @@ def build_sinks(*, writer: Any = None, log_dir: str | None = None) -> tuple[list
         return [], log_dir  # type: ignore[return-value]
     run_dir = tb.log_dir
     guard = _WriteGuard(run_dir)
-    return [GuardedSink(tb, guard), GuardedSink(JsonlSink(run_dir), guard)], run_dir
+    sinks = [GuardedSink(tb, guard), GuardedSink(JsonlSink(run_dir), guard)]
+    if resumed_at:
+        for sink in sinks:
+            sink.resume(resumed_at)
+    return sinks, run_dir

@@ -153,6 +153,18 @@ class TensorBoardSink:
                                    f"({len(steps)} points); colour is {scale}, dark = low, yellow = high, "
                                    f"magenta = NaN.\n\n| row | layer |\n|---|---|\n{rows}", step)
 
+    def resume(self, step: int) -> None:
+        """The run resumes at ``step``. A writer of our own (``log_dir``) writes what ``SummaryWriter(purge_step=
+        step + 1)`` writes, a session start at ``step + 1``: TensorBoard then drops the events at and past it
+        that the interrupted run wrote after its checkpoint. A host's writer is the host's to purge (Lightning
+        and the Hugging Face Trainer do not): its event files keep both values of such a step, and gradwatch's
+        readers (``gradwatch report``, ``compare``) take the last written, the resumed run's."""
+        if not self._owns:
+            return
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer._get_file_writer().add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+
     def state_dict(self) -> dict[str, Any]:
         return {"heatmaps": {k: (list(s), [c.tolist() for c in cols]) for k, (s, cols) in self._history.items()},
                 "heatmap_due": sorted(self._heatmap_due), "last_step": self._last_step}

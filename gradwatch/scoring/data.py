@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradwatch.integrations.jsonl import iter_records
+
 INSTRUCTION_KEYS = ("instruction", "prompt", "question")
 RESPONSE_KEYS = ("response", "output", "completion", "answer")
 ID_KEYS = ("id", "uid", "example_id")
@@ -112,21 +114,22 @@ def parse_record(record: Any, index: int, where: str) -> Example:
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
-    """The examples of a JSONL file, one record a line (blank lines skipped)."""
+    """The examples of a JSONL file, one record a line (blank lines skipped; a line that does not parse, a
+    torn last one included, raises naming it: :func:`gradwatch.integrations.jsonl.iter_records`)."""
     path = Path(path)
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    records = iter_records(path, strict=True, torn_last="raise")
+    try:
+        for number, record in records:
             if limit is not None and len(out) >= limit:
                 break
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); {EXPECTED}") from None
-            out.append(parse_record(record, len(out), where))
+            out.append(parse_record(record, len(out), f"{path} line {number}"))
+    except ValueError as error:
+        if str(error).startswith(f"{path} line") and "not valid JSON" in str(error):
+            raise ValueError(f"{error}; {EXPECTED}") from None
+        raise
+    finally:
+        records.close()
     if not out:
         raise ValueError(f"{path}: no examples (the file is empty); {EXPECTED}")
     return out

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from gradwatch.functional.spectra import SpectrumMethod, gradient_spectrum_statistics
+from gradwatch.integrations.jsonl import cut_torn_tail, iter_records
 from gradwatch.scoring.data import Example
 from gradwatch.scoring.gradients import PerExampleGradients, activation_bytes, chunk_size
 from gradwatch.scoring.groups import ScoredMatrix, layer_groups, scored_matrices
@@ -163,26 +164,18 @@ class Progress:
 
 
 def read_scores(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The records of a ``scores.jsonl``. A last line without its newline (a write cut short) is dropped, and with
-    ``repair`` cut from the file; any other line that does not parse raises ``ValueError`` naming it."""
+    """The records of a ``scores.jsonl`` (:func:`gradwatch.integrations.jsonl.iter_records`). A torn last line
+    (a write cut short) is dropped with a warning, and with ``repair`` cut from the file; any other line that
+    does not parse raises ``ValueError`` naming it."""
     if not path.is_file():
         return []
-    data = path.read_bytes()
-    complete = data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
-    if repair and len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    records = []
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number}: not valid JSON ({error.msg}); not a scoring written by "
-                             f"gradwatch score-data, or damaged: delete it to start over") from None
-        records.append(record)
-    return records
+    if repair:
+        cut_torn_tail(path)
+    try:
+        return [record for _, record in iter_records(path, strict=True)]
+    except ValueError as error:
+        raise ValueError(f"{error}; not a scoring written by gradwatch score-data, or damaged: delete it to start "
+                         f"over") from None
 
 
 class Scorer:

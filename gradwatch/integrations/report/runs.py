@@ -3,7 +3,6 @@ records, as a :class:`Run`; the per-layer tags grouped by statistic and layer fa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gradwatch.integrations.jsonl import read_records
 
 ENGINE_PREFIX = "gradwatch/"
 
@@ -181,20 +182,9 @@ def read_scalars(event_dir: str | os.PathLike) -> dict[str, Series]:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSONL file (objects only; a torn last line of a live run is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    """The records of a JSONL file (:func:`gradwatch.integrations.jsonl.read_records`: objects only; a torn
+    line, as a killed or live run leaves last, is skipped with one warning naming it)."""
+    return read_records(path)
 
 
 def _is_gradwatch_tag(tag: str, prefixes: tuple[str, ...] | None = None) -> bool:
