@@ -312,8 +312,8 @@ class Watcher:
                 continue
             d = self.diagnostics[i]
             t0 = self.clock()
-            try:
-                d.observe(ctx)
+            try:  # fenced (a failure on one rank ends its part on every rank together; see Ranks.fenced)
+                self.ranks.observe_fenced(d, ctx, d.runs_on == "all_ranks" and not d.enters_every_collective)
             except LayersFailed as exc:  # its update holds gaps for those layers; the rest of it stands
                 before = i in self._failed
                 self._fail(i, exc)

@@ -301,6 +301,9 @@ class Diagnostic(Metric):
         needs: capabilities ``observe`` uses (see the module docstring).
         runs_on: ``"rank_zero"`` or ``"all_ranks"``.
         phase: the event at which ``observe`` runs (``"gradients_ready"`` or ``"step_end"``).
+        enters_every_collective: an all-ranks ``observe`` that enters every one of its collectives on every
+            rank whatever fails (it catches its own errors, e.g. spread spectra); the others' collectives are
+            fenced (:meth:`gradwatch.engine.ranks.Ranks.fenced`), one control all-reduce each.
 
     Subclasses implement :meth:`observe` (pull from the context, call ``update``), ``update`` and
     ``compute`` (a :class:`Results` or a ``{tag: 0-d Tensor}``), and say when they are due with
@@ -312,6 +315,7 @@ class Diagnostic(Metric):
     needs: ClassVar[frozenset[str]] = frozenset()
     runs_on: ClassVar[RunsOn] = "rank_zero"
     phase: ClassVar[Phase] = "gradients_ready"
+    enters_every_collective: ClassVar[bool] = False
     full_state_update: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:

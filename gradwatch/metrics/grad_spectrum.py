@@ -138,6 +138,7 @@ class GradSpectrum(Diagnostic):
     stem = "grad_spectrum"
     needs = frozenset({"gradient_shards"})
     runs_on = "all_ranks"  # the layers are shared out: every rank enters the same collectives
+    enters_every_collective = True  # spread_spectra catches its own errors and enters every collective
     prefix = "grad_spectrum"
 
     def __init__(self, tags: Sequence[str], families: Sequence[str], stats: Sequence[str],
