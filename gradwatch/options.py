@@ -59,13 +59,14 @@ NOT_GIVEN = NotGivenType()
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
     """Glob patterns: a list of non-empty str (a str alone is one pattern); at least one for ``include``."""
+    given = value
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, Iterable) or not all(isinstance(p, str) and p for p in value):
-        raise fail(name, value, "a list of non-empty glob patterns (str)")
+        raise fail(name, given, "a list of non-empty glob patterns (str)")
     value = tuple(value)
     if name == "include" and not value:
-        raise fail(name, value, "at least one glob pattern, e.g. ['*']")
+        raise fail(name, given, "at least one glob pattern, e.g. ['*']")
     return value
 
 

@@ -73,7 +73,7 @@ class SpectraConfig:
         object.__setattr__(self, "every", as_cadence("SpectraConfig.every", self.every))
         object.__setattr__(self, "stats", check_choices("SpectraConfig.stats", self.stats, SPECTRUM_STATS))
         check_choice("SpectraConfig.method", self.method, SPECTRUM_METHODS)
-        if self.heatmap_every == 0:
+        if type(self.heatmap_every) is int and self.heatmap_every == 0:  # 0: none (not False, not 0.0)
             object.__setattr__(self, "heatmap_every", None)
         else:
             object.__setattr__(self, "heatmap_every", as_cadence("SpectraConfig.heatmap_every", self.heatmap_every))
