@@ -391,17 +391,15 @@ class Watcher:
         """The probe set, drawn on first use."""
         if self._probe is None:
             if self._probe_source is None:
-                raise ProbeUnusable("gradwatch: this diagnostic needs probe data, but the trainer gave no training "
-                                 "dataset to draw it from")
+                raise ProbeUnusable("gradwatch: this diagnostic needs probe data, but the trainer gave no "
+                                    "training dataset to draw it from")
             self._probe = self._probe_source(self.probe_size())
         return self._probe
 
     def _step_will_be_skipped(self) -> bool:
         assert self.model is not None
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return False
-        return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     # ---- errors -------------------------------------------------------------------------------
 
