@@ -419,3 +419,28 @@ def test_options_without_a_knob(name: str, value: Any) -> None:
         check_rejected(str(error), (f"`{name}`",), shown(value))
         return
     assert value is None and getattr(config, name) is None
+
+
+def test_hf_flags_agree_for_every_knob(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--gradwatch_<name> TEXT`` through ``HfArgumentParser``: each knob's default reads back; a text the code
+    rejects fails naming the flag (gradwatch's ValueError, or argparse's exit 2 for text of another type)."""
+    transformers = pytest.importorskip("transformers")
+    from gradwatch.integrations.huggingface import GradWatchArguments, config_from_training_args
+
+    parser = transformers.HfArgumentParser(GradWatchArguments)
+    for k in KNOBS:
+        flag = "--gradwatch_" + k.name
+        on = [f"--gradwatch_{k.family}_every", "-1"] if k.family and k.field != "every" else []
+        good = knob_text(k, k.default) if k.field != "every" else "-1"
+        if good and (k.default is not None or k.type is str):  # argparse reads no `none` as an int
+            (args,) = parser.parse_args_into_dataclasses([flag, good, *on])
+            assert read_back(k, config_from_training_args(args, environ={})) == text_reference(k, good)[1], flag
+        bad = first_bad_text(k)
+        if bad is None:
+            continue
+        capsys.readouterr()
+        with pytest.raises((ValueError, SystemExit)) as info:
+            parser.parse_args_into_dataclasses([flag, bad, *on])
+        message = str(info.value) if info.type is not SystemExit else capsys.readouterr().err
+        assert info.type is not SystemExit or info.value.code == 2
+        check_rejected(message, (flag, flag.lstrip("-")), (repr(bad), bad))
