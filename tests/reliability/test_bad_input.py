@@ -5,9 +5,9 @@ floats with NaN, infinities, negatives and 0, bools, text, None, lists, wrong ty
 The code surface (``WatchConfig`` and the family config classes) is the reference; each other surface must agree
 with it: a value it rejects raises ``ValueError`` (the launcher: exit status 2) whose message names the option as
 that surface spells it and shows the value given; a value it accepts reads back equal in the resolved config.
-Surfaces: ``GradWatch(...)`` keywords, a ``WatchConfig`` handed over, Hugging Face ``gradwatch_*`` fields,
-``GRADWATCH_*`` variables, ``gradwatch run --<name>`` and LightningCLI YAML (the jsonargparse parse LightningCLI
-runs for ``trainer.callbacks``). Some promises hold whatever the reference says: no option takes a NaN, an
+Surfaces: ``GradWatch(...)`` keywords, a ``WatchConfig`` handed over, Hugging Face ``gradwatch_*`` fields and
+``--gradwatch_*`` flags, ``GRADWATCH_*`` variables, ``gradwatch run --<name>`` and LightningCLI YAML (the
+jsonargparse parse LightningCLI runs for ``trainer.callbacks``). Some promises hold whatever the reference says: no option takes a NaN, an
 infinity, a negative number or a value of the wrong type.
 """
 
@@ -411,7 +411,7 @@ def test_family_keywords(key: str, value: Any) -> None:
 @SETTINGS
 @given(value=anything())
 def test_options_without_a_knob(name: str, value: Any) -> None:
-    """``loss_fn``, ``on_alert``: a callable or None, in code and YAML alike; anything else names the option."""
+    """``loss_fn``, ``on_alert`` (code only): a callable or None; anything else names the option."""
     try:
         config = WatchConfig(**{name: value})
     except ValueError as error:

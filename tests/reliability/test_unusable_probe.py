@@ -173,7 +173,7 @@ def test_hf_forward_returning_a_tuple_without_logits(tmp_path: Any) -> None:
     check_quiet_and_loud(read_series(tmp_path, QUIET + LOUD))
 
 
-def test_empty_probe_data_is_unusable_and_said_once() -> None:
+def test_drawing_from_an_empty_dataset_is_refused() -> None:
     """An empty dataset: Lightning trains no step (nothing to warn about); gradwatch's draw from it raises
     :class:`ProbeUnusable` (a ValueError), which the engine turns into the one warning above."""
     with pytest.raises(ProbeUnusable, match="the training dataset is empty; probe diagnostics need examples"):
