@@ -17,9 +17,10 @@ def fail(field_name: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"gradwatch: `{field_name}` expected {expected}, got {value!r}")
 
 
-def check_int(field_name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise fail(field_name, value, f"an int >= {minimum}")
+def check_int(field_name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+            (maximum is not None and value > maximum):
+        raise fail(field_name, value, f"an int >= {minimum}" if maximum is None else f"an int in {minimum}..{maximum}")
     return value
 
 
@@ -35,6 +36,20 @@ def check_choice(field_name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise fail(field_name, value, f"one of {list(choices)}")
     return value
+
+
+def check_choices(field_name: str, value: Any, choices: Sequence[str]) -> tuple[str, ...]:
+    """A non-empty list drawn from ``choices`` (not a str alone), as a tuple; the message shows the whole list."""
+    from collections.abc import Iterable
+
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise fail(field_name, value, f"a list drawn from {list(choices)}")
+    items = tuple(value)
+    wrong = [v for v in items if not isinstance(v, str) or v not in choices]
+    if wrong or not items:
+        what = f"{wrong[0]!r} is not one of them" if wrong else "it is empty"
+        raise fail(field_name, value, f"a non-empty list drawn from {list(choices)} ({what})")
+    return items
 
 
 def check_bool(field_name: str, value: Any) -> bool:

@@ -59,19 +59,20 @@ NOT_GIVEN = NotGivenType()
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
     """Glob patterns: a list of non-empty str (a str alone is one pattern); at least one for ``include``."""
+    given = value
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, Iterable) or not all(isinstance(p, str) and p for p in value):
-        raise fail(name, value, "a list of non-empty glob patterns (str)")
+        raise fail(name, given, "a list of non-empty glob patterns (str)")
     value = tuple(value)
     if name == "include" and not value:
-        raise fail(name, value, "at least one glob pattern, e.g. ['*']")
+        raise fail(name, given, "at least one glob pattern, e.g. ['*']")
     return value
 
 
 def _log_dir(name: str, value: Any) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise fail(name, value, "a directory path (str) or None")
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise fail(name, value, "a directory path (a non-empty str) or None")
     return value
 
 
@@ -134,7 +135,7 @@ GENERAL_OPTIONS: tuple[Option, ...] = (
            "warn: a failing diagnostic warns once, logs NaN, training goes on; raise: strict (tests, CI)",
            lambda n, v: check_choice(n, v, ON_ERROR_CHOICES), str, choices=ON_ERROR_CHOICES),
     Option("probe_seed", int, 0, "seed of the probe-set draw (a private generator)",
-           lambda n, v: check_int(n, v, minimum=0), int),
+           lambda n, v: check_int(n, v, minimum=0, maximum=2**64 - 1), int),  # torch's seeds are 64-bit
     Option("loss_fn", Optional[Callable[..., Any]], None,
            "loss_fn(model, batch) -> Tensor[B], the per-example loss on a probe batch",
            lambda n, v: check_callable(n, v, "a callable loss_fn(model, batch) -> Tensor[B]"),

@@ -41,6 +41,8 @@ PRECEDENCE = ("Precedence, highest first: GradWatch(...) keywords (and Lightning
               "equal to its default is given all the same.")
 
 HF_FIELD_PREFIX = "gradwatch_"
+NONE_WORD = "none"  # an optional knob's text for None (as gradwatch.environment reads it)
+NONE_GIVEN = object()
 
 
 @dataclass(frozen=True)
@@ -220,8 +222,11 @@ def training_arguments_layer(args: Any) -> Layer:
     if args is not None:
         for k in knobs():
             value = getattr(args, HF_FIELD_PREFIX + k.name, None)
+            if k.optional and isinstance(value, str) and value.strip().lower() == NONE_WORD:
+                value = NONE_GIVEN  # `--gradwatch_log_dir none`: None given, as GRADWATCH_LOG_DIR=none reads
             if value is not None and not isinstance(value, NotGivenType):
-                values[k.name], sources[k.name] = value, HF_FIELD_PREFIX + k.name
+                values[k.name] = None if value is NONE_GIVEN else value
+                sources[k.name] = HF_FIELD_PREFIX + k.name
     return Layer.from_knobs("training arguments", values, sources)
 
 

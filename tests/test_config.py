@@ -151,7 +151,8 @@ def test_spectra_every_zero() -> None:
 
 
 def test_spectra_unknown_statistic() -> None:
-    with pytest.raises(ValueError, match=r"`SpectraConfig\.stats` expected one of " + STATS_LIST + r", got 'nuclear'"):
+    with pytest.raises(ValueError, match=r"`SpectraConfig\.stats` expected a non-empty list drawn from " + STATS_LIST
+                                         + r" \('nuclear' is not one of them\), got \['spectral_norm', 'nuclear'\]"):
         SpectraConfig(stats=["spectral_norm", "nuclear"])
 
 
@@ -159,7 +160,8 @@ def test_spectra_stats_string_and_empty() -> None:
     with pytest.raises(ValueError, match=r"`SpectraConfig\.stats` expected a list drawn from " + STATS_LIST
                                          + r", got 'nuclear_norm'"):
         SpectraConfig(stats="nuclear_norm")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`SpectraConfig\.stats` expected at least one of " + STATS_LIST + r", got \[\]"):
+    with pytest.raises(ValueError, match=r"`SpectraConfig\.stats` expected a non-empty list drawn from " + STATS_LIST
+                                         + r" \(it is empty\), got \[\]"):
         SpectraConfig(stats=[])
     with pytest.raises(ValueError, match=r"`SpectraConfig\.stats` expected a list drawn from .*, got 3"):
         SpectraConfig(stats=3)  # type: ignore[arg-type]
@@ -303,9 +305,9 @@ def test_watch_max_overhead_zero_or_none_turns_the_budget_off(off: object) -> No
 
 
 def test_watch_other_fields() -> None:
-    with pytest.raises(ValueError, match=_msg("log_dir", "a directory path (str) or None", 3)):
+    with pytest.raises(ValueError, match=_msg("log_dir", "a directory path (a non-empty str) or None", 3)):
         WatchConfig(log_dir=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=_msg("probe_seed", "an int >= 0", -1)):
+    with pytest.raises(ValueError, match=_msg("probe_seed", "an int in 0..18446744073709551615", -1)):
         WatchConfig(probe_seed=-1)
     with pytest.raises(ValueError, match=_msg("loss_fn", "a callable loss_fn(model, batch) -> Tensor[B]", "mse")):
         WatchConfig(loss_fn="mse")  # type: ignore[arg-type]

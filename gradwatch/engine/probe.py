@@ -20,6 +20,32 @@ from gradwatch.engine.rng import preserved_rng
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
+class ProbeUnusable(ValueError):
+    """The probe data cannot be used (no examples, every label ignored, no per-example loss to infer). The
+    engine says so once and switches off, for the run, every diagnostic that raises it; training goes on."""
+
+
+def unusable_cause(exc: BaseException | None) -> ProbeUnusable | None:
+    """The :class:`ProbeUnusable` behind ``exc`` (itself or a cause), if any."""
+    for _ in range(8):
+        if exc is None or isinstance(exc, ProbeUnusable):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def probe_unusable(watcher: Any, unusable: Sequence[tuple[int, Exception]]) -> None:
+    """Probe data the diagnostics ``unusable`` (index, error) cannot use: they are off for the run (the
+    watcher's ``_off``), and one warning for the whole run says why."""
+    if not unusable:
+        return
+    watcher._off.update(i for i, _ in unusable)
+    names = ", ".join(watcher._describe(i) for i, _ in unusable)
+    watcher._warn_once("probe-unusable", f"{str(unusable[0][1]).rstrip('.')}. Off for the rest of this run: "
+                                         f"{names} (and, silently, any other diagnostic that needs this probe "
+                                         "data); training goes on")
+
+
 NO_LOSS_MESSAGE = (
     "gradwatch: cannot infer a per-example loss for {what}. gradwatch knows Hugging Face models called "
     "with a `labels` key (token, sequence-classification and regression heads) and batches of "
@@ -55,7 +81,15 @@ def _logits(output: Any) -> Tensor:
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise TypeError(f"model output of type {type(output).__name__} has no logits")
+    raise ProbeUnusable(f"gradwatch: the model's output on a probe batch ({_kind(output)}) holds no logits; "
+                        "gradwatch expects a Tensor, a `logits` field or a tuple whose first item is the logits "
+                        "(or pass loss_fn=...)")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of ({', '.join(dict.fromkeys(type(v).__name__ for v in value))})"
+    return f"a {type(value).__name__}"
 
 
 def per_example_loss_from_outputs(logits: Tensor, targets: Tensor, *, causal: bool = False,
@@ -77,7 +111,9 @@ def per_example_loss_from_outputs(logits: Tensor, targets: Tensor, *, causal: bo
             return (tok * valid).sum(1) / valid.sum(1).clamp_min(1)
         if logits.ndim == 2:
             return F.cross_entropy(logits.float(), targets.view(-1), reduction="none")
-        raise TypeError(f"logits of shape {tuple(logits.shape)} with integer targets")
+        raise ProbeUnusable(f"gradwatch: cannot score logits of shape {tuple(logits.shape)} against integer "
+                            f"labels of shape {tuple(targets.shape)}; gradwatch expects (B, C) or (B, T, V) "
+                            "logits (or pass loss_fn=...)")
     if problem_type == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").flatten(1).mean(1)
     pred = logits.float().reshape(targets.shape) if logits.numel() == targets.numel() else logits.float()
@@ -88,7 +124,14 @@ def infer_per_example_loss(model: nn.Module, batch: Any) -> Tensor:
     """The zero-config per-example loss for Hugging Face batches and (inputs, targets) batches."""
     if isinstance(batch, Mapping) and "labels" in batch:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = _logits(model(**inputs))
+        try:
+            output = model(**inputs)
+        except TypeError as exc:  # keys the forward does not take (strings, None, ...)
+            raise ProbeUnusable(f"gradwatch: the model cannot be called with the probe batch's keys "
+                                f"({', '.join(f'{k}: {_kind(v)}' for k, v in inputs.items())}): {exc}; gradwatch "
+                                "expects a batch of the forward's keyword arguments plus `labels` (or pass "
+                                "loss_fn=...)") from exc
+        logits = _logits(output)
         problem = getattr(getattr(model, "config", None), "problem_type", None)
         labels = batch["labels"]
         if problem is None and labels.is_floating_point() and getattr(getattr(model, "config", None), "num_labels", 0) == 1:
@@ -97,7 +140,21 @@ def infer_per_example_loss(model: nn.Module, batch: Any) -> Tensor:
     if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], Tensor):
         x, y = batch
         return per_example_loss_from_outputs(_logits(model(x)), y)
-    raise ValueError(NO_LOSS_MESSAGE.format(what=f"{type(model).__name__} with batches of type {type(batch).__name__}"))
+    raise ProbeUnusable(NO_LOSS_MESSAGE.format(what=f"{type(model).__name__} with batches of type "
+                                                 f"{type(batch).__name__}"))
+
+
+EMPTY_MESSAGE = "gradwatch: the training dataset is empty; probe diagnostics need examples"
+IGNORE_INDEX = -100
+
+
+def _targets(batch: Any) -> Tensor | None:
+    """The integer labels of a batch whose loss gradwatch infers (``batch["labels"]`` or ``batch[1]``)."""
+    target = batch.get("labels") if isinstance(batch, Mapping) else (
+        batch[1] if isinstance(batch, (list, tuple)) and len(batch) == 2 else None)
+    if isinstance(target, Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
+        return target
+    return None
 
 
 def _say_smaller(size: int, n: int) -> None:
@@ -133,6 +190,7 @@ class ProbeSet:
         self.training_loss_fn = training_loss_fn
         self.batch_size = batch_size
         self._cache: dict[tuple, list[Any]] = {}
+        self._all_ignored: bool | None = None
 
     @classmethod
     def from_dataset(cls, dataset: Any, size: int, *, seed: int = 0, collate_fn: Callable | None = None,
@@ -153,13 +211,13 @@ class ProbeSet:
                 if len(examples) == size:
                     break
             if not examples:
-                raise ValueError("gradwatch: the training dataset is empty; probe diagnostics need examples")
+                raise ProbeUnusable(EMPTY_MESSAGE)
             if len(examples) < size:
                 _say_smaller(size, len(examples))
             return cls(examples, list(range(len(examples))), collate_fn, **kwargs)
         n = len(dataset)
         if n == 0:
-            raise ValueError("gradwatch: the training dataset is empty; probe diagnostics need examples")
+            raise ProbeUnusable(EMPTY_MESSAGE)
         if size > n:
             _say_smaller(size, n)
             size = n
@@ -201,6 +259,14 @@ class ProbeSet:
                 raise ValueError(f"gradwatch: loss_fn expected to return a 1-D Tensor[batch_size], got "
                                  f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
             return out
+        if self._all_ignored is None:
+            targets = [_targets(b) for b in self.batches()]
+            self._all_ignored = bool(targets) and all(t is not None and bool((t == IGNORE_INDEX).all())
+                                                      for t in targets)
+        if self._all_ignored:
+            raise ProbeUnusable(f"gradwatch: every label of the {len(self)} probe examples is {IGNORE_INDEX} "
+                                "(ignored), so their loss is undefined; gradwatch expects labels it can score "
+                                "(or pass loss_fn=...)")
         return infer_per_example_loss(model, batch)
 
     def training_loss(self, model: nn.Module, batch: Any) -> Tensor:
@@ -239,7 +305,7 @@ class ProbeSource:
 
     def __call__(self, size: int) -> ProbeSet:
         if self.dataset is None:
-            raise ValueError("gradwatch: probe diagnostics need the training dataset; the trainer has no "
+            raise ProbeUnusable("gradwatch: probe diagnostics need the training dataset; the trainer has no "
                              "training DataLoader with a dataset")
         return ProbeSet.from_dataset(self.dataset, size, seed=self.seed, collate_fn=self.collate_fn,
                                      device=self.device, loss_fn=self.loss_fn,

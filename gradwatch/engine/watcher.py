@@ -10,14 +10,12 @@ Events, called by an adapter on every rank (see ``gradwatch.metrics.base`` for t
   ``gradients_ready`` observations;
 - :meth:`Watcher.on_step_end` after the optimizer step, with the loss: runs the ``step_end`` observations,
   then computes, emits and resets every diagnostic whose log cadence is due;
-- :meth:`Watcher.on_exception` and :meth:`Watcher.close`.
+- :meth:`Watcher.on_exception` and :meth:`Watcher.close`. It never writes ``.grad``, parameters, buffers, the
+  optimizer or the user's RNG stream. Probe data a diagnostic cannot use switches it off, said once.
 
-It never writes ``.grad``, parameters, buffers, the optimizer or the user's RNG stream.
-
-The Watcher holds the step in flight and each diagnostic's interval bookkeeping; beside it in this package:
-the overhead budget and ``within_budget`` spacing (:mod:`gradwatch.engine.budget`), the logging event
-(:mod:`gradwatch.engine.emission`), alerts' cooldown and strict mode (:mod:`gradwatch.engine.alerts`), and
-what a checkpoint holds (:mod:`gradwatch.engine.state`).
+The Watcher holds the step in flight and each diagnostic's interval bookkeeping; beside it: the overhead budget
+(:mod:`gradwatch.engine.budget`), logging (:mod:`gradwatch.engine.emission`), alerts' cooldown and strict mode
+(:mod:`gradwatch.engine.alerts`), a checkpoint's content (:mod:`gradwatch.engine.state`).
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from gradwatch.engine.context import EngineStepContext
 from gradwatch.engine.emission import log_step
 from gradwatch.engine.hooks import ActivationCapture, MicroBatchGradients, batch_examples
 from gradwatch.engine.layers import WatchedLayers, discover_matrices, unwrap_model
-from gradwatch.engine.probe import ProbeSet
+from gradwatch.engine.probe import ProbeSet, ProbeUnusable, probe_unusable, unusable_cause
 from gradwatch.engine.ranks import Ranks
 from gradwatch.engine.sinks import Sink
 from gradwatch.engine.state import STATE_VERSION, diagnostic_key, load_watcher_state, watcher_state
@@ -300,6 +298,7 @@ class Watcher:
         ctx = self._context(phase, loss)
         self._observed.update(now)
         failed = torch.zeros(len(now), dtype=torch.bool)
+        unusable: list[tuple[int, Exception]] = []
         for need, read in (("gradients", ctx.gradients), ("micro_batches", ctx.batch_gradient_norms)):
             if any(need in self.diagnostics[i].needs for i in now):  # each read on every rank, failed or not
                 try:
@@ -326,9 +325,11 @@ class Watcher:
                                             "training goes on")
             except Exception as exc:  # a diagnostic never kills training unless strict
                 failed[k] = True
-                self._fail(i, exc)
+                cause = unusable_cause(exc) if self.config.on_error != "raise" else None
+                unusable.append((i, cause)) if cause is not None else self._fail(i, exc)
             seconds = self.clock() - t0
             self.budget.observed(i, seconds, continuing=i in self._continuing)
+        probe_unusable(self, unusable)  # those diagnostics off for the run, one warning
         if self.ranks.distributed:  # a failure on one rank is a failure on all: nobody waits for it later
             mine = failed.clone()
             failed = self.ranks.any(failed)
@@ -390,17 +391,15 @@ class Watcher:
         """The probe set, drawn on first use."""
         if self._probe is None:
             if self._probe_source is None:
-                raise ValueError("gradwatch: this diagnostic needs probe data, but the trainer gave no training "
-                                 "dataset to draw it from")
+                raise ProbeUnusable("gradwatch: this diagnostic needs probe data, but the trainer gave no "
+                                    "training dataset to draw it from")
             self._probe = self._probe_source(self.probe_size())
         return self._probe
 
     def _step_will_be_skipped(self) -> bool:
         assert self.model is not None
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return False
-        return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     # ---- errors -------------------------------------------------------------------------------
 

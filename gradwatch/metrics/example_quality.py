@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.cadence import Cadence, as_cadence
-from gradwatch.checks import check_choice, check_int, fail
+from gradwatch.checks import check_choice, check_choices, check_int
 from gradwatch.functional.layer_roles import ROLES, block_index, matrix_role, role_groups
 from gradwatch.functional.spectra import STATISTICS, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Results, StepContext
@@ -67,13 +67,7 @@ class ExampleQualityConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "every", as_cadence("ExampleQualityConfig.every", self.every))
         check_int("ExampleQualityConfig.size", self.size, minimum=2)
-        if isinstance(self.stats, str) or not isinstance(self.stats, Iterable):
-            raise fail("ExampleQualityConfig.stats", self.stats, f"a list drawn from {list(STATISTICS)}")
-        stats = tuple(self.stats)
-        if not stats:
-            raise fail("ExampleQualityConfig.stats", self.stats, f"at least one of {list(STATISTICS)}")
-        for s in stats:
-            check_choice("ExampleQualityConfig.stats", s, STATISTICS)
+        stats = check_choices("ExampleQualityConfig.stats", self.stats, STATISTICS)
         object.__setattr__(self, "stats", stats)
         check_int("ExampleQualityConfig.tails", self.tails, minimum=0)
         check_choice("ExampleQualityConfig.rank_by", self.rank_by, stats)

@@ -8,7 +8,7 @@ different quantities: the spectrum of a mean of gradients is not the mean of the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.cadence import Cadence, as_cadence
-from gradwatch.checks import check_bool, check_choice, check_int, fail
+from gradwatch.checks import check_bool, check_choice, check_choices, check_int
 from gradwatch.functional.spectra import STATISTICS, SpectrumMethod, cross_layer_mad, gradient_spectrum_statistics
 from gradwatch.metrics.base import Chart, ChartGroup, Diagnostic, Heatmap, LayersFailed, Results, StepContext
 from gradwatch.metrics.layer_faults import say_faults
@@ -71,16 +71,9 @@ class SpectraConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "every", as_cadence("SpectraConfig.every", self.every))
-        if isinstance(self.stats, str) or not isinstance(self.stats, Iterable):
-            raise fail("SpectraConfig.stats", self.stats, f"a list drawn from {list(SPECTRUM_STATS)}")
-        stats = tuple(self.stats)
-        for s in stats:
-            check_choice("SpectraConfig.stats", s, SPECTRUM_STATS)
-        if not stats:
-            raise fail("SpectraConfig.stats", self.stats, f"at least one of {list(SPECTRUM_STATS)}")
-        object.__setattr__(self, "stats", stats)
+        object.__setattr__(self, "stats", check_choices("SpectraConfig.stats", self.stats, SPECTRUM_STATS))
         check_choice("SpectraConfig.method", self.method, SPECTRUM_METHODS)
-        if self.heatmap_every == 0:
+        if type(self.heatmap_every) is int and self.heatmap_every == 0:  # 0: none (not False, not 0.0)
             object.__setattr__(self, "heatmap_every", None)
         else:
             object.__setattr__(self, "heatmap_every", as_cadence("SpectraConfig.heatmap_every", self.heatmap_every))
