@@ -282,7 +282,7 @@ def test_watch_include_exclude_type(field: str, bad: object) -> None:
 
 
 def test_watch_include_empty() -> None:
-    with pytest.raises(ValueError, match=_msg("include", "at least one glob pattern, e.g. ['*']", ())):
+    with pytest.raises(ValueError, match=_msg("include", "at least one glob pattern, e.g. ['*']", [])):
         WatchConfig(include=[])
 
 
