@@ -145,6 +145,9 @@ def infer_per_example_loss(model: nn.Module, batch: Any) -> Tensor:
 
 
 EMPTY_MESSAGE = "gradwatch: the training dataset is empty; probe diagnostics need examples"
+ONE_SHOT_MESSAGE = ("gradwatch: the training dataset is a one-shot stream (iter(dataset) returns the dataset "
+                    "itself), so drawing probe examples from it would take them from training; probe diagnostics "
+                    "need a dataset that can be iterated again (an IterableDataset whose __iter__ starts anew)")
 IGNORE_INDEX = -100
 
 
@@ -205,8 +208,11 @@ class ProbeSet:
     @classmethod
     def _draw(cls, dataset: Any, size: int, seed: int, collate_fn: Callable | None, **kwargs: Any) -> ProbeSet:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            stream = iter(dataset)  # type: ignore[call-overload]
+            if stream is dataset:  # an iterator: what the probe takes, training would never see
+                raise ProbeUnusable(ONE_SHOT_MESSAGE)
             examples = []
-            for ex in dataset:  # type: ignore[union-attr]
+            for ex in stream:
                 examples.append(ex)
                 if len(examples) == size:
                     break

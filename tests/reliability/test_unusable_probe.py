@@ -182,6 +182,28 @@ def test_drawing_from_an_empty_dataset_is_refused() -> None:
         ProbeSet.from_dataset(_EmptyStream(), 4, device=torch.device("cpu"))
 
 
+class _OneShot(torch.utils.data.IterableDataset):
+    """A stream that can be read once (its own iterator), like a generator handed to a DataLoader."""
+
+    def __init__(self) -> None:
+        self.items = iter([torch.full((8,), float(i)) for i in range(6)])
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self.items)
+
+
+def test_a_one_shot_stream_is_refused_without_taking_an_example() -> None:
+    """Drawing from a stream that can be read once would take its examples from training (observe-only):
+    refused, and every example is still there for training."""
+    stream = _OneShot()
+    with pytest.raises(ProbeUnusable, match="one-shot stream"):
+        ProbeSet.from_dataset(stream, 4, device=torch.device("cpu"))
+    assert [float(x[0]) for x in stream] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
 class _EmptyStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Any:
         return iter(())
