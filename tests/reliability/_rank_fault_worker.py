@@ -1,5 +1,9 @@
 """Worker of tests/reliability/test_surroundings.py: ``python _rank_fault_worker.py OUTDIR``.
 
+First, in the launching process only (rank 0, before any rank starts), the disk-full run of
+``_disk_full_worker.py`` (``DISK_LIMIT`` bytes, ``DISK_STEPS`` steps) into ``OUTDIR/disk_full``, its report
+lines in ``OUTDIR/disk_full.txt``: one interpreter start serves both cases. Then:
+
 Two CPU ranks (gloo), one launch: the tiny MLP of tests/callbacks/_fsdp2_worker.py trained under Lightning DDP
 and then under FSDP2 (``ModelParallelStrategy``), with the stability family at every step
 (``on_error="warn"``), and the update/weight ratio (an all-ranks diagnostic whose sums are all-reduced) made
@@ -25,7 +29,8 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-STEPS = 5
+STEPS = 4
+DISK_LIMIT, DISK_STEPS = 30000, 20  # the limit is reached at step 11 or so
 FAIL_STEP, FAIL_RANK = 3, 1
 STRATEGIES = ("ddp", "fsdp2")
 
@@ -56,6 +61,18 @@ class UpdateRatioFails(Callback):
             d.update = update
 
 
+def disk_full(out_dir: str) -> None:
+    from _disk_full_worker import run
+
+    root = os.path.join(out_dir, "disk_full")
+    os.makedirs(root, exist_ok=True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    lines = run(root, DISK_LIMIT, DISK_STEPS)
+    torch.use_deterministic_algorithms(deterministic)  # _support.lit.fit turned them on; the ranks run as before
+    with open(os.path.join(out_dir, "disk_full.txt"), "w") as f:  # the limit is lifted again
+        f.write("\n".join(lines) + "\n")
+
+
 def main(out_dir: str, strategies: tuple[str, ...] = STRATEGIES, fault: bool = True) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
@@ -63,6 +80,8 @@ def main(out_dir: str, strategies: tuple[str, ...] = STRATEGIES, fault: bool = T
     from gradwatch.callbacks.lightning import GradWatch
 
     torch.set_num_threads(1)
+    if "LOCAL_RANK" not in os.environ:  # the launching process, before Lightning starts rank 1
+        disk_full(out_dir)
     for name in strategies:
         run_dir = os.path.join(out_dir, name)
         os.makedirs(run_dir, exist_ok=True)

@@ -3,7 +3,7 @@
 - a ``log_dir`` that cannot be created (a path under a regular file: what a typo or a stale mount gives a user;
   chmod would not do, the tests run as root), through Lightning and the Hugging Face Trainer;
 - a disk that fills in the middle of a run: ``RLIMIT_FSIZE`` in a subprocess (SIGXFSZ ignored, so a write
-  past the limit fails with EFBIG, as ENOSPC does on a full disk);
+  past the limit fails with EFBIG, as ENOSPC does on a full disk), the same launch as the two-rank case;
 - the Hugging Face TensorBoard writer closed before gradwatch's last write (HF's ``TensorBoardCallback``
   closes its ``SummaryWriter`` at ``on_train_end``; here a callback ahead of gradwatch closes it before the
   last step's write);
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import re
-import subprocess
 import sys
 import warnings
 from typing import Any
 
 import pytest
 import torch
-from _support.launch import clean_environment, run_worker
+from _support.launch import run_worker
 from _support.tensorboard import read_series
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,23 +69,37 @@ def test_hf_log_dir_under_a_file_warns_once_and_training_finishes(tmp_path):
     assert len(said) == 1 and log_dir in said[0] and "NotADirectoryError" in said[0]
 
 
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory) -> str:
+    """One launch of ``_rank_fault_worker.py``: the disk-full run, then the two-rank DDP and FSDP2 runs."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out = tmp_path_factory.mktemp("surroundings")
+    run_worker(os.path.join(HERE, "_rank_fault_worker.py"), str(out), timeout=240)  # a hang fails here
+    return str(out)
+
+
 @pytest.mark.slow
-def test_disk_full_in_the_middle_of_a_run_warns_once_and_training_finishes(tmp_path):
+def test_disk_full_in_the_middle_of_a_run_warns_once_and_training_finishes(worker_runs):
     """The limit (30 kB) is reached after a few steps of spectra and stability at every step (about 2 kB a
     step): the steps before it are in the event file, then one warning, and training runs to its end."""
-    steps = 40
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_disk_full_worker.py"), str(tmp_path), "30000",
-                           str(steps)], env=clean_environment(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"FINISHED {steps}" in proc.stdout, proc.stdout[-3000:]
-    said = [line for line in proc.stdout.splitlines() if line.startswith("WARNING") and "failed" in line]
+    sys.path.insert(0, HERE)
+    from _rank_fault_worker import DISK_LIMIT, DISK_STEPS
+
+    steps = DISK_STEPS
+
+    root = os.path.join(worker_runs, "disk_full")
+    with open(os.path.join(worker_runs, "disk_full.txt")) as f:
+        lines = f.read().splitlines()
+    assert f"FINISHED {steps}" in lines, lines
+    said = [line for line in lines if line.startswith("WARNING") and "failed" in line]
     assert len(said) == 1, said
-    assert "File too large" in said[0] and str(tmp_path / "gw") in said[0] and "training goes on" in said[0]
-    (event,) = os.listdir(tmp_path / "gw")
-    assert os.path.getsize(tmp_path / "gw" / event) == 30000  # the run did reach the limit
-    series = read_series(tmp_path / "gw", ("grad_spectrum/frobenius_norm/",))
+    assert "File too large" in said[0] and os.path.join(root, "gw") in said[0] and "training goes on" in said[0]
+    (event,) = os.listdir(os.path.join(root, "gw"))
+    assert os.path.getsize(os.path.join(root, "gw", event)) == DISK_LIMIT  # the run did reach the limit
+    series = read_series(os.path.join(root, "gw"), ("grad_spectrum/frobenius_norm/",))
     written = sorted(next(iter(series.values())))
-    assert written and written == list(range(1, len(written) + 1)) and len(written) < steps  # cut mid-run
+    assert written and written == list(range(1, len(written) + 1)) and len(written) < steps, written  # cut mid-run
 
 
 def _closer(step: int) -> Any:
@@ -129,13 +143,11 @@ def test_hf_tensorboard_writer_closed_before_gradwatch_writes(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_one_rank_failing_under_ddp_and_fsdp2_does_not_hang(tmp_path):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
+def test_one_rank_failing_under_ddp_and_fsdp2_does_not_hang(worker_runs):
     sys.path.insert(0, HERE)
     from _rank_fault_worker import FAIL_RANK, FAIL_STEP, STEPS, STRATEGIES
 
-    run_worker(os.path.join(HERE, "_rank_fault_worker.py"), str(tmp_path), timeout=240)  # a hang fails here
+    tmp_path = pathlib.Path(worker_runs)
     for strategy in STRATEGIES:
         ranks = [torch.load(tmp_path / strategy / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
         assert [r["global_step"] for r in ranks] == [STEPS, STEPS], strategy
