@@ -7,9 +7,10 @@ lines in ``OUTDIR/disk_full.txt``: one interpreter start serves both cases. Then
 Two CPU ranks (gloo), one launch: the tiny MLP of tests/callbacks/_fsdp2_worker.py trained under Lightning DDP
 and then under FSDP2 (``ModelParallelStrategy``), with the stability family at every step
 (``on_error="warn"``), and the update/weight ratio (an all-ranks diagnostic whose sums are all-reduced) made
-to raise on rank 1 only at step ``FAIL_STEP`` (after its all-reduce). A collective timeout of 30 s turns a rank left waiting into a
-failure instead of a hang. Each rank writes ``OUTDIR/<strategy>/rank<r>.pt`` (final weights, steps, the
-warnings gradwatch gave); rank 0's TensorBoard run is ``OUTDIR/<strategy>/tb/version_0``.
+to raise on rank 1 only at step ``FAIL_STEP``, before its all-reduce (fenced: the other rank's all-reduce
+ends too). A collective timeout of 30 s turns a rank left waiting into a failure instead of a hang. Each
+rank writes ``OUTDIR/<strategy>/rank<r>.pt`` (final weights, steps, the warnings gradwatch gave);
+rank 0's TensorBoard run is ``OUTDIR/<strategy>/tb/version_0``.
 """
 
 from __future__ import annotations
@@ -36,29 +37,27 @@ STRATEGIES = ("ddp", "fsdp2")
 
 
 class UpdateRatioFails(Callback):
-    """``UpdateRatio.update`` raises on ``FAIL_RANK`` at ``FAIL_STEP`` (put after GradWatch): after the
-    diagnostic's own all-reduce of the FSDP2 shards' sums, as a failure in its local arithmetic would. (A
-    failure before that all-reduce, on one rank only, leaves the ranks' collectives out of step under FSDP2:
-    gloo aborts with a collective mismatch; see the report of issue 16.)"""
+    """The update/weight ratio raises on ``FAIL_RANK`` at ``FAIL_STEP`` (put after GradWatch) while it computes
+    its sums, i.e. before its all-reduce of the FSDP2 shards' sums, on one rank only: without the fence
+    (gradwatch.engine.ranks.Ranks.fenced) rank 0's all-reduce would pair with rank 1's next collective."""
 
     def __init__(self, gw) -> None:  # noqa: ANN001
         self.gw = gw
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        from gradwatch.metrics.stability import update_ratio
         from gradwatch.metrics.stability.update_ratio import UpdateRatio
 
         rank = trainer.global_rank
-        targets = [d for d in self.gw.watcher.diagnostics if isinstance(d, UpdateRatio)]
-        assert targets, [type(d).__name__ for d in self.gw.watcher.diagnostics]
-        for d in targets:
-            original = d.update
+        assert any(isinstance(d, UpdateRatio) for d in self.gw.watcher.diagnostics)
+        original = update_ratio.update_ratio_terms
 
-            def update(ratios, original=original) -> None:  # noqa: ANN001
-                if trainer.global_step == FAIL_STEP and rank == FAIL_RANK:  # step_end: already counted
-                    raise RuntimeError(f"injected: update ratio fails on rank {rank}")
-                original(ratios)
+        def terms(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if trainer.global_step == FAIL_STEP and rank == FAIL_RANK:  # step_end: already counted
+                raise RuntimeError(f"injected: update ratio fails on rank {rank}")
+            return original(*args, **kwargs)
 
-            d.update = update
+        update_ratio.update_ratio_terms = terms
 
 
 def disk_full(out_dir: str) -> None:
