@@ -32,6 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -77,6 +78,37 @@ class LanguageModel(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
 
+class StepTimer(pl.Callback):
+    """The time of each optimizer step, from one ``on_train_batch_start`` to the next (every callback of the
+    step included: put it first), and gradwatch's own clock read at the same points when it is attached."""
+
+    def __init__(self, gradwatch: GradWatch | None) -> None:
+        self.gradwatch, self.starts, self.own = gradwatch, [], []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.starts.append(time.perf_counter())
+        self.own.append(float(self.gradwatch.watcher.budget.engine_seconds) if self.gradwatch is not None else 0.0)
+
+    def steps(self, skip: int = 5) -> tuple[list[float], list[float]]:
+        """(wall, own) seconds of each step after the first ``skip`` (the last step, without a next start, is left out)."""
+        wall = [b - a for a, b in zip(self.starts, self.starts[1:])][skip:]
+        own = [b - a for a, b in zip(self.own, self.own[1:])][skip:]
+        return wall, own
+
+
+def hidden_share(base: StepTimer, ours: StepTimer) -> tuple[float, float]:
+    """(hidden, self) per-step shares, robust to the bursts a shared machine adds: hidden = the median over steps
+    of (gradwatch step - gradwatch's own seconds in it - the same step of the baseline) / the median gradwatch
+    step, i.e. what a typical step costs outside gradwatch's clock; self = median own seconds / median step."""
+    (bw, _), (gw, own) = base.steps(), ours.steps()
+    n = min(len(bw), len(gw))
+    if n == 0:
+        return float("nan"), float("nan")
+    step = statistics.median(gw[:n])
+    return (statistics.median(g - o - b for g, o, b in zip(gw[:n], own[:n], bw[:n])) / step,
+            statistics.median(own[:n]) / step)
+
+
 FAMILIES: dict[str, Any] = {}  # the families switched on, each at its default settings (set in main)
 
 
@@ -92,15 +124,16 @@ def per_example_loss(module: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 
 def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int,
-               root: str, name: str) -> tuple[float, tuple[float, float], dict[str, Tensor], GradWatch | None]:
+               root: str, name: str) -> tuple[float, tuple[float, float], dict[str, Tensor], GradWatch | None, StepTimer]:
     """One seeded run; returns fit()'s wall seconds, (process CPU seconds, this thread's CPU seconds), the final
-    weights, the callback. Process CPU time counts every thread (also those that ended: the TensorBoard writer's)."""
+    weights, the callback, the step timer. Process CPU time counts every thread (also those that ended: the TensorBoard writer's)."""
     pl.seed_everything(seed, verbose=False)
     module = LanguageModel(kind, vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
     callback = GradWatch(**FAMILIES, loss_fn=per_example_loss) if with_gradwatch else None
+    timer = StepTimer(callback)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
-        logger=TensorBoardLogger(root, name=name), callbacks=[callback] if callback else [],
+        logger=TensorBoardLogger(root, name=name), callbacks=[timer] + ([callback] if callback else []),
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
         log_every_n_steps=50, num_sanity_val_steps=0, deterministic=True,
     )
@@ -110,7 +143,7 @@ def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int,
     seconds = time.perf_counter() - t0
     cpu_seconds = (time.process_time() - c0, time.thread_time() - m0)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return seconds, cpu_seconds, weights, callback
+    return seconds, cpu_seconds, weights, callback, timer
 
 
 def family_settings(chosen: Sequence[str], nothing_due: bool) -> dict[str, Any]:
@@ -131,6 +164,78 @@ def family_settings(chosen: Sequence[str], nothing_due: bool) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Run:
+    """What one run gives the report (picklable: a concurrent run comes back from a child process)."""
+
+    seconds: float
+    cpu: tuple[float, float]
+    weights: dict[str, Tensor]
+    timer: StepTimer
+    own: float = 0.0  # every second inside gradwatch's callback methods and hooks
+    overhead: float = 0.0
+    budgeted: float = 0.0
+    postponed: int = 0
+    runs: dict[str, int] = field(default_factory=dict)
+
+
+def run_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int, root: str,
+             name: str, cpu: int | None = None, barrier: Any = None) -> Run:
+    """:func:`train_once`, summarised; ``cpu``: pinned to that core; ``barrier``: fit starts when the other
+    concurrent run's does."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    if barrier is not None:
+        barrier.wait()
+    seconds, cpu_s, weights, cb, timer = train_once(with_gradwatch, kind, data, steps, batch, seed, root, name)
+    timer.gradwatch = None
+    if cb is None:
+        return Run(seconds, cpu_s, weights, timer)
+    w = cb.watcher
+    runs = {w._key(j).split(":", 2)[2]: b["runs"] for j, b in w._budgeted.items()}
+    return Run(seconds, cpu_s, weights, timer, float(w.budget.engine_seconds), float(w.overhead()),
+               float(w.budgeted_overhead()), int(w.postponed_steps), {k: int(v) for k, v in runs.items()})
+
+
+def _child(conn: Any, *args: Any) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(run_once(*args), buf)  # bytes, not tensors shared by file descriptor (this process ends)
+    conn.send_bytes(buf.getvalue())
+    conn.close()
+
+
+def concurrent_pair(kind: str, data: TensorDataset, args: argparse.Namespace, root: str, label: str,
+                    i: int) -> tuple[Run, Run]:
+    """The baseline and the gradwatch run at the same time, each in a forked process pinned to its own core
+    (swapped every other pair), ``fit`` started together: what the machine does meanwhile (other jobs, clock
+    changes) falls on both alike, instead of on whichever ran at a worse moment."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if i % 2:
+        cores.reverse()
+    procs, pipes = [], []
+    for gw, core in zip((False, True), cores):
+        here, there = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(there, gw, kind, data, args.steps, args.batch, args.seed, root,
+                                                 f"{label}_{'gradwatch' if gw else 'baseline'}_{i}", core, barrier))
+        proc.start()
+        procs.append(proc)
+        pipes.append(here)
+    import io
+
+    runs = []
+    for pipe in pipes:
+        runs.append(torch.load(io.BytesIO(pipe.recv_bytes()), weights_only=False))
+    for proc in procs:
+        proc.join()
+    return runs[0], runs[1]
+
+
 def measure(args: argparse.Namespace, kind: str, data: TensorDataset, root: str, label: str) -> list[tuple]:
     """The timed pairs of one configuration (``FAMILIES``), each printed as it ends; returns their rows."""
     rows = []
@@ -138,34 +243,37 @@ def measure(args: argparse.Namespace, kind: str, data: TensorDataset, root: str,
     train_once(False, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_baseline")
     train_once(True, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_gradwatch")
     for i in range(args.pairs):
-        # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
-        # warming) falls on both sides of the median instead of one
-        order = (False, True) if i % 2 == 0 else (True, False)
-        runs_i = {gw: train_once(gw, kind, data, args.steps, args.batch, args.seed, root,
-                                 f"{label}_{'gradwatch' if gw else 'baseline'}_{i}") for gw in order}
-        (base_s, base_c, base_w, _), (gw_s, gw_c, gw_w, cb) = runs_i[False], runs_i[True]
-        assert cb is not None
-        same = base_w.keys() == gw_w.keys() and all(torch.equal(base_w[k], gw_w[k]) for k in base_w)
-        own = cb.watcher.budget.engine_seconds  # every second inside gradwatch's callback methods and hooks
-        rows.append((base_s, gw_s, gw_s / base_s, 1 - base_s / gw_s, own / gw_s, base_c[1], gw_c[1],
-                     base_c[0] - base_c[1], gw_c[0] - gw_c[1], 1 - base_c[1] / gw_c[1], cb.watcher.overhead(), same))
-        runs = {cb.watcher._key(j).split(":", 2)[2]: b["runs"] for j, b in cb.watcher._budgeted.items()}
+        if args.concurrent:
+            base, ours = concurrent_pair(kind, data, args, root, label, i)
+        else:
+            # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
+            # warming) falls on both sides of the median instead of one
+            order = (False, True) if i % 2 == 0 else (True, False)
+            runs_i = {gw: run_once(gw, kind, data, args.steps, args.batch, args.seed, root,
+                                   f"{label}_{'gradwatch' if gw else 'baseline'}_{i}") for gw in order}
+            base, ours = runs_i[False], runs_i[True]
+        base_s, gw_s, base_c, gw_c = base.seconds, ours.seconds, base.cpu, ours.cpu
+        same = base.weights.keys() == ours.weights.keys() and all(torch.equal(base.weights[k], ours.weights[k])
+                                                                  for k in base.weights)
+        rows.append((base_s, gw_s, gw_s / base_s, 1 - base_s / gw_s, ours.own / gw_s, base_c[1], gw_c[1],
+                     base_c[0] - base_c[1], gw_c[0] - gw_c[1], 1 - base_c[1] / gw_c[1], ours.overhead, same,
+                     *hidden_share(base.timer, ours.timer)))
         print(f"  {label} pair {i}: baseline {base_s:.2f} s, gradwatch {gw_s:.2f} s; gradwatch/overhead without the "
-              f"one-off first runs (what max_overhead bounds) {cb.watcher.budgeted_overhead():.2%}; postponed steps "
-              f"{cb.watcher.postponed_steps}" + (f"; runs of budgeted cadences {runs}" if runs else "")
+              f"one-off first runs (what max_overhead bounds) {ours.budgeted:.2%}; postponed steps "
+              f"{ours.postponed}" + (f"; runs of budgeted cadences {ours.runs}" if ours.runs else "")
               + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
     return rows
 
 
 HEADER = (f"{'pair':>4} {'base s':>7} {'gw s':>7} {'ratio':>6} {'wall share':>10} {'self share':>10} "
           f"{'diff pp':>7} | {'main cpu b':>10} {'main cpu g':>10} {'cpu share':>9} {'diff pp':>7} | "
-          f"{'other b':>7} {'other g':>7} | {'overhead()':>10} {'same w':>6}")
+          f"{'other b':>7} {'other g':>7} | {'overhead()':>10} {'same w':>6} | {'step self':>9} {'hidden':>7}")
 
 
 def line(label: str, r: Sequence[Any]) -> str:
     return (f"{label:>4} {r[0]:>7.2f} {r[1]:>7.2f} {r[2]:>6.3f} {r[3]:>10.2%} {r[4]:>10.2%} "
             f"{100 * (r[3] - r[4]):>+7.2f} | {r[5]:>10.2f} {r[6]:>10.2f} {r[9]:>9.2%} {100 * (r[9] - r[4]):>+7.2f} | "
-            f"{r[7]:>7.2f} {r[8]:>7.2f} | {r[10]:>10.2%} {str(r[11]):>6}")
+            f"{r[7]:>7.2f} {r[8]:>7.2f} | {r[10]:>10.2%} {str(r[11]):>6} | {r[13]:>9.2%} {r[12]:>+7.2%}")
 
 
 def table(rows: list[tuple]) -> list[Any]:
@@ -175,7 +283,8 @@ def table(rows: list[tuple]) -> list[Any]:
     for i, r in enumerate(rows):
         print(line(str(i), r))
     print("-" * len(HEADER))
-    med = [statistics.median(r[j] for r in rows) for j in range(11)] + [all(r[11] for r in rows)]
+    med = ([statistics.median(r[j] for r in rows) for j in range(11)] + [all(r[11] for r in rows)]
+           + [statistics.median(r[j] for r in rows) for j in (12, 13)])
     print(line("med", med))
     if len(rows) > 1:
         print(f"wall share over pairs ranges {min(r[3] for r in rows):.2%} .. {max(r[3] for r in rows):.2%}: "
@@ -193,7 +302,12 @@ the time the thread waited for a core, so much steadier than wall time on a load
 frequency effects remain). other b / g = CPU seconds of every other thread (TensorBoard's writer thread,
 worker pools), which the training thread need not wait for on a free core. overhead() =
 gradwatch/overhead as logged (its clock over the wall time since on_train_start). same w = bitwise the same
-final weights as the baseline (gradwatch only observes). Medians over pairs."""
+final weights as the baseline (gradwatch only observes). Per step (each step timed from one
+on_train_batch_start to the next, the first 5 left out): step self = median of gradwatch's own seconds in a
+step / median step; hidden = median over steps of (gradwatch step - its own seconds - the same baseline
+step) / median step: what a typical step costs outside gradwatch's clock, robust to the bursts of a shared
+machine that the whole-run columns take in (steps with a diagnostic due are in the whole-run columns, not
+in the medians). Medians over pairs."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -216,10 +330,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "i.e. GradWatch() as it comes); e.g. spectra,signals,stability")
     parser.add_argument("--all-families", action="store_true", help="every registered family on, at its defaults")
     parser.add_argument("--sharpness-probe", type=int, default=None,
-                        help="SharpnessConfig.probe_size where sharpness is on (default: the suite uses 32, else "
+                        help="SharpnessConfig.probe_size where sharpness is on (default: the suite uses 8, else "
                              "the family default 256). At 256 the one-off estimate at step 1 (50 Lanczos steps, "
-                             "twice with the Adam preconditioner) costs about 15x the whole 300-step baseline run "
-                             "on this model and swamps what the comparison is about")
+                             "twice with the Adam preconditioner: up to 100 Hessian-vector products on 16 training "
+                             "batches' worth of tokens) costs more than a whole 300-step baseline run on this model, "
+                             "a one-off that swamps what the comparison is about")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run each pair's baseline and gradwatch run at the same time, each pinned to its own "
+                             "core (needs 2 free cores; implies --threads 1): the machine's drift falls on both alike")
     parser.add_argument("--suite", action="store_true",
                         help="three configurations in one run, with a summary: default settings, stability alone "
                              "with nothing due after step 1, every family on")
@@ -242,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         configs = [(",".join(chosen) + (" (nothing due)" if args.nothing_due else ""),
                     family_settings(chosen, args.nothing_due))]
-    probe_size = args.sharpness_probe if args.sharpness_probe is not None else (32 if args.suite else None)
+    probe_size = args.sharpness_probe if args.sharpness_probe is not None else (8 if args.suite else None)
     if probe_size is not None:
         import dataclasses
 
@@ -252,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 settings["sharpness"] = SharpnessConfig(probe_size=probe_size)
             elif isinstance(settings.get("sharpness"), SharpnessConfig):
                 settings["sharpness"] = dataclasses.replace(settings["sharpness"], probe_size=probe_size)
+    if args.concurrent:
+        if len(os.sched_getaffinity(0)) < 2:
+            parser.error("--concurrent needs 2 cores")
+        args.threads = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kind = args.model
@@ -291,11 +413,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             summary.append((label, table(rows)))
     print("\n" + EXPLAIN)
     print(f"\n{'configuration':>24} {'ratio':>6} {'wall share':>10} {'self share':>10} {'diff pp':>7} "
-          f"{'cpu share':>9} {'diff pp':>7}  agree within 1 pp: wall, cpu")
+          f"{'cpu share':>9} {'diff pp':>7} {'hidden/step':>11}  agree within 1 pp: wall, cpu, per step")
     for label, m in summary:
         print(f"{label:>24} {m[2]:>6.3f} {m[3]:>10.2%} {m[4]:>10.2%} {100 * (m[3] - m[4]):>+7.2f} {m[9]:>9.2%} "
-              f"{100 * (m[9] - m[4]):>+7.2f}  {'yes' if abs(m[3] - m[4]) <= 0.01 else 'NO'}, "
-              f"{'yes' if abs(m[9] - m[4]) <= 0.01 else 'NO'}")
+              f"{100 * (m[9] - m[4]):>+7.2f} {m[12]:>+11.2%}  {'yes' if abs(m[3] - m[4]) <= 0.01 else 'NO'}, "
+              f"{'yes' if abs(m[9] - m[4]) <= 0.01 else 'NO'}, {'yes' if abs(m[12]) <= 0.01 else 'NO'}")
     print(f"(load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} now, on {os.cpu_count()} CPUs: above "
           "about 0.5 per CPU other work shares the cores and the wall columns are noise-dominated)")
 
