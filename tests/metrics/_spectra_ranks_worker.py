@@ -148,8 +148,9 @@ def run(mode: str, rank: int, world: int, calls: list[int]) -> dict:
                     grads[n] = g.full_tensor() if hasattr(g, "full_tensor") else g
                 mats = [w.matrix(grads[w.param_name].detach()) for w in watcher.layers.matrices]
                 ref, _ = gradient_spectrum_statistics([m.double() for m in mats], STATISTICS, "svdvals")
-                out["grad_norm"][t] = float(spikes.detector.history()[-1])
-                out["grad_norm_reference"][t] = float(sum(m.double().square().sum() for m in mats).sqrt())
+                if spikes.detector.history().numel():  # every rank under FSDP2; rank zero only under DDP
+                    out["grad_norm"][t] = float(spikes.detector.history()[-1])
+                    out["grad_norm_reference"][t] = float(sum(m.double().square().sum() for m in mats).sqrt())
                 out["reference"][t] = {f"grad_spectrum/{s}/{w.tag}": float(ref[s][k])
                                        for s in STATISTICS for k, w in enumerate(watcher.layers.matrices)}
                 opt.step()

@@ -71,6 +71,7 @@ def test_fsdp2_never_makes_a_gradient_whole_and_memory_stays_bounded(runs, world
     for r in runs[world]:
         run = r[mode]
         assert run["full_tensor_calls"] == 0  # with stability's gradient-norm spikes on at every step too
+        assert len(run["grad_norm"]) == len(run["logged"])  # on every rank, at every step
         for t, norm in run["grad_norm"].items():  # from row shards, equal to the whole gradients' norm
             assert norm == pytest.approx(run["grad_norm_reference"][t], rel=1e-6), t
         bound = run["largest_gram_bytes"] + run["cap"]

@@ -155,6 +155,8 @@ class GradNormSpikes(_Spikes):
         if any(s.sharded for s in shards):
             self.update(_sharded_norm(ctx, shards))
             return
+        if ctx.rank != 0:  # every rank holds the whole gradients (DDP): rank zero's norm is the one written
+            return
         blocks = [s.stored[s.rows[0]:s.rows[1], s.cols[0]:s.cols[1]] for s in shards if s.stored is not None]
         if blocks:
             norm = _total_norm(blocks)
