@@ -228,6 +228,7 @@ class EngineStepContext:
         self._optimizer = optimizer
         self._grad_scale = grad_scale
         self._probe = probe
+        self.probe_size: int | None = None  # the due diagnostic's own probe size, set by the engine before each
         self._loss = loss
         self._weights_before = weights_before
         self._say_once = say_once
@@ -282,11 +283,13 @@ class EngineStepContext:
         return self._batch_gradient_norms[1]
 
     def probe(self) -> ProbeSet:
-        """The shared probe set (drawn on first use)."""
+        """The probe set of the diagnostic being run: the first :attr:`probe_size` examples of the shared,
+        seeded draw (:meth:`ProbeSet.first`; drawn on first use), the whole draw where no size is set."""
         if self._probe is None:
             raise ValueError("gradwatch: this diagnostic needs probe data, but the trainer gave no training "
                              "dataset to draw it from")
-        return self._probe()
+        shared = self._probe()
+        return shared.first(self.probe_size) if self.probe_size else shared
 
     def extra_pass(self, *, grad: bool = True, float32: bool = True) -> Any:
         """:func:`extra_pass` on the model; yields an :class:`ExtraPass`."""

@@ -179,11 +179,14 @@ class ProbeSet:
         batch_size: largest probe batch.
         decode: ``decode(example) -> str``, how a person reads one example (a tokenizer's decode of its
             ``input_ids``), for tables of examples; None where the host has none.
+        drawn: each example's place in the draw (0 first; default: the order given), so that
+            :meth:`first` can hand a diagnostic that asks for fewer examples a seeded sample of its own size.
     """
 
     def __init__(self, examples: Sequence[Any], indices: Sequence[int], collate_fn: Callable[[list], Any] | None,
                  device: torch.device, loss_fn: LossFn | None = None, training_loss_fn: LossFn | None = None,
-                 batch_size: int = 64, decode: Callable[[Any], str] | None = None) -> None:
+                 batch_size: int = 64, decode: Callable[[Any], str] | None = None,
+                 drawn: Sequence[int] | None = None) -> None:
         self.decode = decode
         self.examples = list(examples)
         self.indices = list(indices)
@@ -192,8 +195,10 @@ class ProbeSet:
         self.loss_fn = loss_fn
         self.training_loss_fn = training_loss_fn
         self.batch_size = batch_size
+        self.drawn = list(range(len(self.examples))) if drawn is None else list(drawn)
         self._cache: dict[tuple, list[Any]] = {}
         self._all_ignored: bool | None = None
+        self._first: dict[int, ProbeSet] = {}
 
     @classmethod
     def from_dataset(cls, dataset: Any, size: int, *, seed: int = 0, collate_fn: Callable | None = None,
@@ -228,11 +233,26 @@ class ProbeSet:
             _say_smaller(size, n)
             size = n
         gen = torch.Generator().manual_seed(seed)
-        indices = sorted(torch.randperm(n, generator=gen)[:size].tolist())
-        return cls([dataset[i] for i in indices], indices, collate_fn, **kwargs)
+        draw = torch.randperm(n, generator=gen)[:size].tolist()
+        place = {i: k for k, i in enumerate(draw)}
+        indices = sorted(draw)
+        return cls([dataset[i] for i in indices], indices, collate_fn, drawn=[place[i] for i in indices], **kwargs)
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def first(self, size: int) -> ProbeSet:
+        """The ``size`` examples drawn first (in dataset order; cached): itself a seeded uniform sample, and the
+        one probe of a diagnostic that asks for ``size`` when another family made the shared set larger (a
+        sharpness estimate on 8 examples must not run on the 512 that signals asked for)."""
+        if size >= len(self.examples):
+            return self
+        if size not in self._first:
+            keep = [k for k, d in enumerate(self.drawn) if d < size]
+            self._first[size] = ProbeSet([self.examples[k] for k in keep], [self.indices[k] for k in keep],
+                                         self.collate_fn, self.device, self.loss_fn, self.training_loss_fn,
+                                         self.batch_size, self.decode, [self.drawn[k] for k in keep])
+        return self._first[size]
 
     def _collate(self, chunk: list[Any]) -> Any:
         with preserved_rng():  # a collator that masks or pads at random draws from the user's generators

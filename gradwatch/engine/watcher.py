@@ -310,6 +310,7 @@ class Watcher:
             if failed[k] or not self._runs_here(i):
                 continue
             d = self.diagnostics[i]
+            ctx.probe_size = d.probe_size() or None  # its own share of the shared probe, not the largest family's
             t0 = self.clock()
             try:  # fenced (a failure on one rank ends its part on every rank together; see Ranks.fenced)
                 self.ranks.observe_fenced(d, ctx, d.runs_on == "all_ranks" and not d.enters_every_collective)

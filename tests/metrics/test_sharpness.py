@@ -183,3 +183,52 @@ def test_observe_only() -> None:
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_own_probe_size_when_another_family_draws_a_larger_probe() -> None:
+    """Signals asks for 48 examples, sharpness for 8: the shared draw holds 48, and the Hessian is that of the 8
+    drawn first (``ProbeSet.first``), not of all 48 (which cost six times the Hessian-vector work)."""
+    from gradwatch import SignalsConfig
+
+    model, ds = mlp(seed=7), data(n=64, seed=8)
+    x, y = ds.tensors
+    probes: list[ProbeSet] = []
+
+    def source(size: int) -> ProbeSet:
+        probes.append(ProbeSet.from_dataset(ds, size, device=torch.device("cpu"), training_loss_fn=sum_sq_loss,
+                                            batch_size=8))
+        return probes[-1]
+
+    w = Watcher(WatchConfig(spectra=False, signals=SignalsConfig(probe_size=48, every=1),
+                            sharpness=SharpnessConfig(every=1, probe_size=8, max_iter=200, tol=1e-8),
+                            max_overhead=None, on_error="raise"))
+    w.attach(model, probe_source=source)
+    out = w.run_step(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert [len(p) for p in probes] == [48]
+    own = probes[0].first(8).indices
+    assert len(own) == 8 and set(own) < set(probes[0].indices)
+
+    def loss_on(rows: list[int]):
+        return lambda p: 0.5 * (functional_call(model, p, (x[rows],)) - y[rows]).square().sum(1).mean()
+
+    exact = top_eigenvalue(dense_hessian(model, loss_on(own)))
+    assert out["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-4)
+    everything = top_eigenvalue(dense_hessian(model, loss_on(probes[0].indices)))
+    assert abs(everything - exact) > 1e-2 * exact  # the two probes tell apart
+
+
+def test_first_of_a_draw_is_the_seeded_sample_of_that_size() -> None:
+    """``first(n)`` holds the n examples drawn first (a uniform sample, nested in every larger one), in dataset
+    order; a size at or above the draw's is the draw itself."""
+    ds = data(n=100, seed=9)
+    probe = ProbeSet.from_dataset(ds, 40, seed=3, device=torch.device("cpu"))
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(3)).tolist()
+    assert probe.indices == sorted(order[:40])
+    for n in (1, 7, 25):
+        sub = probe.first(n)
+        assert sub.indices == sorted(order[:n])
+        assert sub is probe.first(n)
+        assert all(torch.equal(a[0], ds[i][0]) for a, i in zip(sub.examples, sub.indices))
+    assert set(probe.first(7).indices) < set(probe.first(25).indices)
+    assert probe.first(40) is probe and probe.first(500) is probe
+    assert ProbeSet.from_dataset(ds, 10, seed=3, device=torch.device("cpu")).indices == probe.first(10).indices

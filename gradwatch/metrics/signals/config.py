@@ -34,7 +34,8 @@ class SignalsConfig:
             default 0.6 needs, e.g., a correlation of -0.8 with opposite moves at 3 of 4 steps by a pair
             carrying half the loss movement whose sides share a direction (``shared >= full_shared``) and swing
             by at least ``full_swing`` of their own loss per step.
-        probe_size: probe examples used (the engine draws the largest any family asks for).
+        probe_size: probe examples used (the engine draws the largest any family asks for; each family uses
+            the first of that draw it asks for).
         z_cut: robust z-score of an example's movement from which it is an outlier (3.5: Iglewicz and
             Hoaglin 1993).
         rho: correlation in (0, 1) from which two outliers' change series are in one group; two groups are
