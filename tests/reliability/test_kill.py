@@ -79,7 +79,7 @@ def workers(tmp_path_factory):
 
 
 def event_steps(run_dir: Path, purge: bool) -> tuple[dict[str, list[int]], list[dict[str, dict[int, float]]]]:
-    """``({tag: every step read, repeats kept}, [{tag: {step: value}} per event file])`` of gradwatch's scalars,
+    """``({tag: every step read, repeats kept}, [{tag: {step: value}} per event file, oldest first])`` of gradwatch's scalars,
     the directory read as TensorBoard reads it (``purge``: with its restart purge)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -88,11 +88,13 @@ def event_steps(run_dir: Path, purge: bool) -> tuple[dict[str, list[int]], list[
     ours = [t for t in ea.Tags()["scalars"] if not t.startswith(("train_loss", "epoch"))]
     read = {t: [e.step for e in ea.Scalars(t)] for t in ours}
     files = []
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+    for path in run_dir.glob("events.out.tfevents.*"):
         one = EventAccumulator(str(path), size_guidance={"scalars": 0}, purge_orphaned_data=False)
         one.Reload()
-        files.append({t: {e.step: e.value for e in one.Scalars(t)} for t in one.Tags()["scalars"] if t in read})
-    return read, files
+        files.append((one.FirstEventTimestamp(),
+                      {t: {e.step: e.value for e in one.Scalars(t)} for t in one.Tags()["scalars"] if t in read}))
+    # in the order written: two files opened in the same second sort by process id in their names
+    return read, [f for _, f in sorted(files, key=lambda f: f[0])]
 
 
 def jsonl_steps(run_dir: Path) -> dict[str, list[int]]:
