@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> str:
     print(f"\ntrained {trainer.global_step} steps, final train loss {loss:.3f}; "
           f"gradwatch used {100 * watch.watcher.overhead():.1f}% of the wall time, "
           f"{100 * watch.watcher.budgeted_overhead():.1f}% without its one-off first runs (this demo looks every "
-          f"{args.every} steps, with per-example spectra, within a {100 * args.max_overhead:.0f}% budget on "
-          "the latter; the defaults are every 50 steps within 5%)")
+          f"{args.every} steps, with per-example spectra, under a {100 * args.max_overhead:.0f}% budget on "
+          "the latter, which postpones due work while the share is over it, so a run can end above it by the "
+          "cost of its last heatmap images; the defaults are every 50 steps within 5%)")
     print(f"TensorBoard logs: {os.path.abspath(log_dir)}")
     print(f"see them with:    tensorboard --logdir {os.path.abspath(args.log_dir)}")
     return log_dir
