@@ -143,42 +143,63 @@ def _event_dirs(root: Path) -> list[Path]:
 PICTURE_TAGS = ("signals/pair_examples",)  # images the report shows as they were logged (the last one)
 
 
-def _accumulator(event_dir: str | os.PathLike) -> Any:
-    """The event files directly in ``event_dir``, read once: every scalar, the last item of the rest (a
-    reservoir of one keeps the most recent image)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+class _EventDir:
+    """The event files directly in a directory, each read once, in the order they were written (by their first
+    event's wall time: two files opened in the same second, as by a run killed and resumed, sort by process id
+    in their names), merged as TensorBoard merges a restart, tag by tag: a file whose first step of a tag is at
+    or before steps already read of it replaces them with its own (other writers' tags in the same directory
+    are left alone). Every scalar is kept; of the other kinds the
+    last item (a reservoir of one keeps the most recent image)."""
 
-    accumulator = EventAccumulator(str(event_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1,
-                                                                  "histograms": 1, "audio": 1,
-                                                                  "compressedHistograms": 1})
-    accumulator.Reload()
-    return accumulator
+    def __init__(self, event_dir: str | os.PathLike) -> None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+        files = []
+        for path in Path(event_dir).iterdir():
+            if "tfevents" in path.name and path.is_file():
+                one = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 1, "tensors": 1,
+                                                                 "histograms": 1, "audio": 1,
+                                                                 "compressedHistograms": 1})
+                one.Reload()
+                try:
+                    first = one.FirstEventTimestamp()
+                except ValueError:  # an empty file
+                    continue
+                files.append((first, path.name, one))
+        self.files = [one for _, _, one in sorted(files, key=lambda f: (f[0], f[1]))]
 
-def _scalars_of(accumulator: Any) -> dict[str, Series]:
-    out: dict[str, Series] = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        by_step: dict[int, float] = {}
-        for event in accumulator.Scalars(tag):
-            by_step[int(event.step)] = float(event.value)
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        out[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
-    return out
+    def scalars(self) -> dict[str, Series]:
+        by_tag: dict[str, dict[int, float]] = {}
+        for one in self.files:
+            for tag in one.Tags().get("scalars", []):
+                steps = {int(e.step): float(e.value) for e in one.Scalars(tag)}
+                if not steps:
+                    continue
+                first = min(steps)  # a restart of this tag at `first`: what earlier files wrote from there is gone
+                kept = {s: v for s, v in by_tag.get(tag, {}).items() if s < first}
+                kept.update(steps)
+                by_tag[tag] = kept
+        out: dict[str, Series] = {}
+        for tag, by_step in by_tag.items():
+            if by_step:
+                steps = np.array(sorted(by_step), dtype=np.int64)
+                out[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+        return out
 
-
-def _pictures_of(accumulator: Any, tags: Sequence[str] = PICTURE_TAGS) -> dict[str, tuple[int, bytes]]:
-    out = {}
-    for tag in accumulator.Tags().get("images", []):
-        if tag in tags:
-            last = accumulator.Images(tag)[-1]
-            out[tag] = (int(last.step), bytes(last.encoded_image_string))
-    return out
+    def pictures(self, tags: Sequence[str] = ()) -> dict[str, tuple[int, bytes]]:
+        out = {}
+        for one in self.files:  # the latest file's last image wins
+            for tag in one.Tags().get("images", []):
+                if tag in tags:
+                    last = one.Images(tag)[-1]
+                    out[tag] = (int(last.step), bytes(last.encoded_image_string))
+        return out
 
 
 def read_scalars(event_dir: str | os.PathLike) -> dict[str, Series]:
     """Every scalar tag of the event files directly in ``event_dir`` (the last value wins where a step was
     written twice, as after a resumed run)."""
-    return _scalars_of(_accumulator(event_dir))
+    return _EventDir(event_dir).scalars()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -201,8 +222,8 @@ def load_run(path: str | os.PathLike) -> Run:
     if not root.is_dir():
         raise RunDirError(f"{str(path)!r} is not a directory")
     dirs = _event_dirs(root)
-    accumulators = {d: _accumulator(d) for d in dirs}  # each directory's event files read once
-    read = {d: _scalars_of(a) for d, a in accumulators.items()}
+    accumulators = {d: _EventDir(d) for d in dirs}  # each directory's event files read once
+    read = {d: a.scalars() for d, a in accumulators.items()}
     prefixes = gradwatch_prefixes()
     ours = [d for d in dirs if any(_is_gradwatch_tag(t, prefixes) for t in read[d])]
     if len(ours) > 1:
@@ -226,7 +247,7 @@ def load_run(path: str | os.PathLike) -> Run:
             f"your trainer logs to with gradwatch on (e.g. lightning_logs/version_0, or output_dir/runs/<run> "
             f"for the Hugging Face Trainer)")
     scalars = {t: s for t, s in read[event_dir].items()} if event_dir else {}
-    pictures = _pictures_of(accumulators[event_dir]) if event_dir else {}
+    pictures = accumulators[event_dir].pictures(PICTURE_TAGS) if event_dir else {}
     return Run(root, event_dir, scalars, records.get("signals.jsonl", []), records.get("alerts.jsonl", []), pictures)
 
 
