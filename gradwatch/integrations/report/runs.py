@@ -148,8 +148,8 @@ class _EventDir:
     event's wall time: two files opened in the same second, as by a run killed and resumed, sort by process id
     in their names), merged as TensorBoard merges a restart, tag by tag: a file whose first step of a tag is at
     or before steps already read of it replaces them with its own (other writers' tags in the same directory
-    are left alone). Every scalar is kept; of the other kinds the
-    last item (a reservoir of one keeps the most recent image)."""
+    are left alone). Every scalar is kept; of the other kinds the last item (a reservoir of one keeps the most
+    recent image)."""
 
     def __init__(self, event_dir: str | os.PathLike) -> None:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
