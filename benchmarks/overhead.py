@@ -26,6 +26,8 @@ Without ``transformers`` the model is ``lightning.pytorch.demos.Transformer`` of
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import statistics
 import tempfile
@@ -78,22 +80,91 @@ class LanguageModel(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
 
+class Turns:
+    """Two processes taking turns, one optimizer step each (``--lockstep``): a run waits at each
+    ``on_train_batch_start`` until the other has finished its step, so the baseline's and gradwatch's steps
+    alternate on the same machine within a fraction of a second of each other and the machine's drift (other
+    jobs, clock changes, the host's other guests) falls on both alike. Background threads (TensorBoard's
+    writer) keep running while their process waits, on whichever core is free: only the two training threads
+    are pinned, both to the same core."""
+
+    def __init__(self, ctx: Any, first: int) -> None:
+        self.sems = [ctx.Semaphore(1 if k == first else 0) for k in (0, 1)]
+        self.done = [ctx.Value("b", 0) for _ in (0, 1)]
+        self.barrier = ctx.Barrier(2)
+        self.core = min(os.sched_getaffinity(0))
+        self.me = 0
+
+    def mine(self, me: int) -> Turns:
+        """This pair's turns as seen by run ``me`` (0 or 1)."""
+        view = copy.copy(self)
+        view.me = me
+        return view
+
+    def wait(self, first: bool) -> None:
+        """Hand the turn to the other run (unless ``first``) and wait for it to come back, unless that run ended."""
+        other = 1 - self.me
+        if first:
+            # both training threads on one core (only this thread: background threads, started earlier, stay
+            # free), so a difference between the cores does not fall on one run
+            os.sched_setaffinity(0, {self.core})
+            self.barrier.wait()  # both set up; the run given the first turn goes first
+        else:
+            self.sems[other].release()
+        if first or not self.done[other].value:
+            self.sems[self.me].acquire()
+
+    def finish(self) -> None:
+        self.done[self.me].value = 1
+        self.sems[1 - self.me].release()
+
+
 class StepTimer(pl.Callback):
     """The time of each optimizer step, from one ``on_train_batch_start`` to the next (every callback of the
-    step included: put it first), and gradwatch's own clock read at the same points when it is attached."""
+    step included: put it first), and gradwatch's own clock read at the same points when it is attached. With
+    ``turns`` (:class:`Turns`), each step runs from getting the turn to handing it on."""
 
-    def __init__(self, gradwatch: GradWatch | None) -> None:
-        self.gradwatch, self.starts, self.own = gradwatch, [], []
+    def __init__(self, gradwatch: GradWatch | None, turns: Turns | None = None) -> None:
+        self.gradwatch, self.turns = gradwatch, turns
+        self.starts: list[float] = []
+        self.own: list[float] = []
+        self.ends: list[float] = []
+        self.own_ends: list[float] = []
+
+    def _own(self) -> float:
+        return float(self.gradwatch.watcher.budget.engine_seconds) if self.gradwatch is not None else 0.0
+
+    def _end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.own_ends.append(self._own())
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.turns is not None:
+            if self.starts:
+                self._end()
+            self.turns.wait(first=not self.starts)
         self.starts.append(time.perf_counter())
-        self.own.append(float(self.gradwatch.watcher.budget.engine_seconds) if self.gradwatch is not None else 0.0)
+        self.own.append(self._own())
+
+    def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.turns is not None:
+            self._end()
+            self.turns.finish()
 
     def steps(self, skip: int = 5) -> tuple[list[float], list[float]]:
-        """(wall, own) seconds of each step after the first ``skip`` (the last step, without a next start, is left out)."""
+        """(wall, own) seconds of each step after the first ``skip`` (without turns, the last step, which has no
+        next start, is left out)."""
+        if self.turns is not None or self.ends:
+            return ([e - s for s, e in zip(self.starts, self.ends)][skip:],
+                    [e - s for s, e in zip(self.own, self.own_ends)][skip:])
         wall = [b - a for a, b in zip(self.starts, self.starts[1:])][skip:]
         own = [b - a for a, b in zip(self.own, self.own[1:])][skip:]
         return wall, own
+
+    def total(self) -> tuple[float, float]:
+        """(wall, own) seconds summed over every timed step (with turns: the run's time, the waits left out)."""
+        wall, own = self.steps(skip=0)
+        return sum(wall), sum(own)
 
 
 def hidden_share(base: StepTimer, ours: StepTimer) -> tuple[float, float]:
@@ -124,13 +195,14 @@ def per_example_loss(module: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 
 def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int,
-               root: str, name: str) -> tuple[float, tuple[float, float], dict[str, Tensor], GradWatch | None, StepTimer]:
+               root: str, name: str, turns: Turns | None = None
+               ) -> tuple[float, tuple[float, float], dict[str, Tensor], GradWatch | None, StepTimer]:
     """One seeded run; returns fit()'s wall seconds, (process CPU seconds, this thread's CPU seconds), the final
     weights, the callback, the step timer. Process CPU time counts every thread (also those that ended: the TensorBoard writer's)."""
     pl.seed_everything(seed, verbose=False)
     module = LanguageModel(kind, vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
     callback = GradWatch(**FAMILIES, loss_fn=per_example_loss) if with_gradwatch else None
-    timer = StepTimer(callback)
+    timer = StepTimer(callback, turns)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
         logger=TensorBoardLogger(root, name=name), callbacks=[timer] + ([callback] if callback else []),
@@ -180,57 +252,64 @@ class Run:
 
 
 def run_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int, root: str,
-             name: str, cpu: int | None = None, barrier: Any = None) -> Run:
+             name: str, cpu: int | None = None, barrier: Any = None, turns: Turns | None = None) -> Run:
     """:func:`train_once`, summarised; ``cpu``: pinned to that core; ``barrier``: fit starts when the other
-    concurrent run's does."""
+    concurrent run's does; ``turns``: steps taken in turn with the other run, whose seconds and gradwatch's
+    own are then summed over this run's turns only."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     if barrier is not None:
         barrier.wait()
-    seconds, cpu_s, weights, cb, timer = train_once(with_gradwatch, kind, data, steps, batch, seed, root, name)
-    timer.gradwatch = None
+    seconds, cpu_s, weights, cb, timer = train_once(with_gradwatch, kind, data, steps, batch, seed, root, name, turns)
+    timer.gradwatch, timer.turns = None, None
+    own = float(cb.watcher.budget.engine_seconds) if cb is not None else 0.0
+    if turns is not None:
+        seconds, own = timer.total()
     if cb is None:
         return Run(seconds, cpu_s, weights, timer)
     w = cb.watcher
     runs = {w._key(j).split(":", 2)[2]: b["runs"] for j, b in w._budgeted.items()}
-    return Run(seconds, cpu_s, weights, timer, float(w.budget.engine_seconds), float(w.overhead()),
-               float(w.budgeted_overhead()), int(w.postponed_steps), {k: int(v) for k, v in runs.items()})
+    return Run(seconds, cpu_s, weights, timer, own, float(w.overhead()), float(w.budgeted_overhead()),
+               int(w.postponed_steps), {k: int(v) for k, v in runs.items()})
 
 
-def _child(conn: Any, *args: Any) -> None:
+def _child(conn: Any, *args: Any, **kwargs: Any) -> None:
     import io
 
     buf = io.BytesIO()
-    torch.save(run_once(*args), buf)  # bytes, not tensors shared by file descriptor (this process ends)
+    torch.save(run_once(*args, **kwargs), buf)  # bytes, not tensors shared by file descriptor (this process ends)
     conn.send_bytes(buf.getvalue())
     conn.close()
 
 
-def concurrent_pair(kind: str, data: TensorDataset, args: argparse.Namespace, root: str, label: str,
-                    i: int) -> tuple[Run, Run]:
-    """The baseline and the gradwatch run at the same time, each in a forked process pinned to its own core
-    (swapped every other pair), ``fit`` started together: what the machine does meanwhile (other jobs, clock
-    changes) falls on both alike, instead of on whichever ran at a worse moment."""
+def paired_processes(kind: str, data: TensorDataset, args: argparse.Namespace, root: str, label: str,
+                     i: int) -> tuple[Run, Run]:
+    """The baseline and the gradwatch run at the same time, each in a forked process, so that what the machine
+    does meanwhile (other jobs, clock changes) falls on both alike instead of on whichever ran at a worse
+    moment. ``--concurrent``: each pinned to its own core (swapped every other pair), ``fit`` started together.
+    ``--lockstep``: taking turns, one step each (:class:`Turns`; who goes first swaps every other pair)."""
+    import io
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(2)
-    cores = sorted(os.sched_getaffinity(0))[:2]
-    if i % 2:
-        cores.reverse()
+    barrier, turns, cores = None, None, [None, None]
+    if args.lockstep:
+        turns = Turns(ctx, first=i % 2)
+    else:
+        barrier = ctx.Barrier(2)
+        cores = sorted(os.sched_getaffinity(0))[:2]
+        if i % 2:
+            cores.reverse()
     procs, pipes = [], []
-    for gw, core in zip((False, True), cores):
+    for k, (gw, core) in enumerate(zip((False, True), cores)):
         here, there = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(there, gw, kind, data, args.steps, args.batch, args.seed, root,
-                                                 f"{label}_{'gradwatch' if gw else 'baseline'}_{i}", core, barrier))
+                                                 f"{label}_{'gradwatch' if gw else 'baseline'}_{i}", core, barrier),
+                           kwargs={"turns": turns.mine(k) if turns is not None else None})
         proc.start()
         procs.append(proc)
         pipes.append(here)
-    import io
-
-    runs = []
-    for pipe in pipes:
-        runs.append(torch.load(io.BytesIO(pipe.recv_bytes()), weights_only=False))
+    runs = [torch.load(io.BytesIO(pipe.recv_bytes()), weights_only=False) for pipe in pipes]
     for proc in procs:
         proc.join()
     return runs[0], runs[1]
@@ -243,8 +322,8 @@ def measure(args: argparse.Namespace, kind: str, data: TensorDataset, root: str,
     train_once(False, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_baseline")
     train_once(True, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_gradwatch")
     for i in range(args.pairs):
-        if args.concurrent:
-            base, ours = concurrent_pair(kind, data, args, root, label, i)
+        if args.concurrent or args.lockstep:
+            base, ours = paired_processes(kind, data, args, root, label, i)
         else:
             # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
             # warming) falls on both sides of the median instead of one
@@ -274,6 +353,30 @@ def line(label: str, r: Sequence[Any]) -> str:
     return (f"{label:>4} {r[0]:>7.2f} {r[1]:>7.2f} {r[2]:>6.3f} {r[3]:>10.2%} {r[4]:>10.2%} "
             f"{100 * (r[3] - r[4]):>+7.2f} | {r[5]:>10.2f} {r[6]:>10.2f} {r[9]:>9.2%} {100 * (r[9] - r[4]):>+7.2f} | "
             f"{r[7]:>7.2f} {r[8]:>7.2f} | {r[10]:>10.2%} {str(r[11]):>6} | {r[13]:>9.2%} {r[12]:>+7.2%}")
+
+
+def agreement(diffs_pp: Sequence[float], tolerance_pp: float = 1.0) -> tuple[float, float, str]:
+    """(mean, half-width of its 95% t-interval, verdict) of per-pair differences in percentage points.
+
+    The verdict says what the pairs can tell: "yes" when the whole interval lies within +-``tolerance_pp``,
+    "NO" when it lies wholly outside, otherwise "unresolved, ~N pairs" with N the pairs whose interval, at the
+    same spread and mean, would fit inside the tolerance (a rough guide), or "mean outside" when it cannot."""
+    from scipy import stats
+
+    n = len(diffs_pp)
+    mean = statistics.fmean(diffs_pp)
+    if n < 2:
+        return mean, float("inf"), "unresolved, 1 pair"
+    sd = statistics.stdev(diffs_pp)
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5
+    if abs(mean) + half <= tolerance_pp:
+        return mean, half, "yes"
+    if abs(mean) - half > tolerance_pp:
+        return mean, half, "NO"
+    room = tolerance_pp - abs(mean)
+    if room <= 0:
+        return mean, half, "unresolved, mean outside"
+    return mean, half, f"unresolved, ~{math.ceil((1.96 * sd / room) ** 2)} pairs"
 
 
 def table(rows: list[tuple]) -> list[Any]:
@@ -338,6 +441,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrent", action="store_true",
                         help="run each pair's baseline and gradwatch run at the same time, each pinned to its own "
                              "core (needs 2 free cores; implies --threads 1): the machine's drift falls on both alike")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="run each pair's baseline and gradwatch run at the same time, taking turns one "
+                             "optimizer step each (implies --threads 1); each run's time is the sum of its own "
+                             "steps, so the machine's drift falls on both alike, step by step")
+    parser.add_argument("--cpu", type=int, default=None, metavar="CORE",
+                        help="pin the whole process to this core (implies --threads 1): TensorBoard's writer thread "
+                             "then shares the training's core, so its work shows in the wall time, and other work on "
+                             "the machine's remaining cores disturbs the runs less")
     parser.add_argument("--suite", action="store_true",
                         help="three configurations in one run, with a summary: default settings, stability alone "
                              "with nothing due after step 1, every family on")
@@ -370,6 +481,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 settings["sharpness"] = SharpnessConfig(probe_size=probe_size)
             elif isinstance(settings.get("sharpness"), SharpnessConfig):
                 settings["sharpness"] = dataclasses.replace(settings["sharpness"], probe_size=probe_size)
+    if args.lockstep:
+        if args.concurrent:
+            parser.error("--lockstep and --concurrent are two ways to pair runs: give one")
+        args.threads = 1
+    if args.cpu is not None:
+        if args.concurrent:
+            parser.error("--cpu pins one process; --concurrent pins each of its two runs itself")
+        if args.cpu not in os.sched_getaffinity(0):
+            parser.error(f"--cpu expected one of the cores {sorted(os.sched_getaffinity(0))}, got {args.cpu}")
+        os.sched_setaffinity(0, {args.cpu})
+        args.threads = 1
     if args.concurrent:
         if len(os.sched_getaffinity(0)) < 2:
             parser.error("--concurrent needs 2 cores")
@@ -410,14 +532,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"({cadences}; TensorBoardLogger shared)")
             rows = measure(args, kind, data, root, label.split(",")[0].replace(" ", "_"))
             print()
-            summary.append((label, table(rows)))
+            summary.append((label, table(rows), rows))
     print("\n" + EXPLAIN)
     print(f"\n{'configuration':>24} {'ratio':>6} {'wall share':>10} {'self share':>10} {'diff pp':>7} "
-          f"{'cpu share':>9} {'diff pp':>7} {'hidden/step':>11}  agree within 1 pp: wall, cpu, per step")
-    for label, m in summary:
+          f"{'cpu share':>9} {'diff pp':>7} {'hidden/step':>11}  (medians over pairs)")
+    for label, m, _ in summary:
         print(f"{label:>24} {m[2]:>6.3f} {m[3]:>10.2%} {m[4]:>10.2%} {100 * (m[3] - m[4]):>+7.2f} {m[9]:>9.2%} "
-              f"{100 * (m[9] - m[4]):>+7.2f} {m[12]:>+11.2%}  {'yes' if abs(m[3] - m[4]) <= 0.01 else 'NO'}, "
-              f"{'yes' if abs(m[9] - m[4]) <= 0.01 else 'NO'}, {'yes' if abs(m[12]) <= 0.01 else 'NO'}")
+              f"{100 * (m[9] - m[4]):>+7.2f} {m[12]:>+11.2%}")
+    print("\nwall share - self share, per pair (pp): mean +- half-width of its 95% t-interval; agree within 1 pp?")
+    print(f"{'configuration':>24} {'pairs':>5} {'wall - self':>15} {'verdict':<28} {'cpu - self':>15} {'verdict':<28} "
+          f"{'hidden/step':>15} verdict")
+    for label, _, rows in summary:
+        cells = []
+        for diffs in ([100 * (r[3] - r[4]) for r in rows], [100 * (r[9] - r[4]) for r in rows],
+                      [100 * r[12] for r in rows]):
+            mean, half, verdict = agreement(diffs)
+            cells.append((f"{mean:+.2f} +- {half:.2f}", verdict))
+        print(f"{label:>24} {len(rows):>5} {cells[0][0]:>15} {cells[0][1]:<28} {cells[1][0]:>15} {cells[1][1]:<28} "
+              f"{cells[2][0]:>15} {cells[2][1]}")
     print(f"(load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} now, on {os.cpu_count()} CPUs: above "
           "about 0.5 per CPU other work shares the cores and the wall columns are noise-dominated)")
 
