@@ -153,6 +153,15 @@ class Samples:
     counts: dict[str, tuple[float, ...]]
     seconds: float
     warnings: tuple[str, ...]
+    files: tuple[tuple[str, ...], ...] = ()  # the regular files open at each sample
+
+    def files_changed(self) -> list[tuple[int, list[str], list[str]]]:
+        """(step, opened, closed) at each sample whose open files differ from the previous sample's."""
+        out = []
+        for step, before, now in zip(self.steps[1:], self.files, self.files[1:]):
+            if set(now) != set(before):
+                out.append((step, sorted(set(now) - set(before)), sorted(set(before) - set(now))))
+        return out
 
     @property
     def rss_mib(self) -> tuple[float, ...]:
@@ -180,13 +189,14 @@ class ResourceSampler(pl.Callback):
     """:func:`resources` every ``every`` global steps, at the end of the step (put it after GradWatch)."""
 
     def __init__(self, every: int) -> None:
-        self.every, self.steps, self.samples = every, [], []
+        self.every, self.steps, self.samples, self.files = every, [], [], []
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         step = trainer.global_step
         if step % self.every == 0:
             self.steps.append(step)
             self.samples.append(resources(trainer.lightning_module))
+            self.files.append(tuple(sorted(f.path for f in psutil.Process().open_files())))
 
 
 def long_run(root: str, steps: int, sample_every: int, kind: str = "gpt2", batch: int = 8, seed: int = 0,
@@ -213,7 +223,7 @@ def long_run(root: str, steps: int, sample_every: int, kind: str = "gpt2", batch
         trainer.fit(LanguageModel(kind, **(size or {})), DataLoader(data, batch_size=batch, shuffle=True))
     seen = tuple(sorted({str(w.message) for w in caught if "gradwatch" in str(w.message)}))
     counts = {k: tuple(x[k] for x in sampler.samples) for k in sampler.samples[0]}
-    return Samples(tuple(sampler.steps), counts, time.perf_counter() - t0, seen)
+    return Samples(tuple(sampler.steps), counts, time.perf_counter() - t0, seen, tuple(sampler.files))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -240,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"families, every cadence at 1: {sorted(every_family_every_step())}")
     with tempfile.TemporaryDirectory() as root:
         s = long_run(root, args.steps, args.sample_every, kind)
+        changed = [(step, [os.path.relpath(f, root) for f in opened], [os.path.relpath(f, root) for f in closed])
+                   for step, opened, closed in s.files_changed()]
     keys = list(s.counts)
     print(f"{'step':>6} " + " ".join(f"{k:>17}" for k in keys))
     for i, step in enumerate(s.steps):
@@ -251,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{s.slope_per_1000(args.warmup):+.1f}); peak {max(s.rss_mib):.1f} MiB")
     for k in keys[1:]:
         print(f"{k} after step {args.warmup}: {min(s.after(k, args.warmup)):.0f} to {max(s.after(k, args.warmup)):.0f}")
+    print(f"regular files open at step {s.steps[0]}: {len(s.files[0]) if s.files else 0}")
+    for step, opened, closed in changed:
+        print(f"open files changed by step {step}: opened {opened or '-'}, closed {closed or '-'}")
     for w in s.warnings:
         print(f"warning: {w}")
 

@@ -1,22 +1,30 @@
-"""Training wall time with and without gradwatch's Lightning callback at its default settings.
+"""Training wall time with and without gradwatch's callback (Lightning's, or the Hugging Face Trainer's).
 
 A small GPT-2 (built from a config; nothing is downloaded) trains on synthetic random tokens on the
-CPU. Runs come in pairs (``--pairs``), baseline first in even pairs and gradwatch first in odd ones (ABBA,
-so an order effect does not favour one side), after one short warm-up pair, each from the same seed on the
-same data with the same TensorBoardLogger set-up (so the logging cost is equal); the time of
-``trainer.fit`` is measured. The report gives each pair's ratio, their median, gradwatch's own
-``gradwatch/overhead`` estimate (``cb.watcher.overhead()`` after fit), its share without the one-off first
-runs (what ``max_overhead`` bounds), and whether the gradwatch run ended with bitwise the same weights as
-its baseline (it must: gradwatch only observes).
+CPU. Runs come in pairs (``--pairs``), after one short warm-up pair, each from the same seed on the same data
+with the same TensorBoard logging (so the logging cost is equal). How a pair runs:
+
+- by default one after the other, baseline first in even pairs and gradwatch first in odd ones (ABBA, so an
+  order effect does not favour one side); the time of ``trainer.fit`` is measured;
+- ``--lockstep``: both at once, in two processes that take turns one optimizer step each, both training
+  threads on the same core; a run's time is the sum of its own steps. Drift of the machine (other jobs, the
+  host's other guests, clock changes), which moves whole runs by 5-10% here, then falls on both runs step by
+  step: the steadiest mode, and the one to compare gradwatch's clock with;
+- ``--concurrent``: both at once, each pinned to its own core.
+
+The report gives each pair's ratio, their median, gradwatch's own ``gradwatch/overhead`` estimate, its share
+without the one-off first runs (what ``max_overhead`` bounds), and whether the gradwatch run ended with
+bitwise the same weights as its baseline (it must: gradwatch only observes).
 
 Beside the wall-time ratio it reports gradwatch's self-measured share (its own clock, which runs from entering
 any of its callback methods to leaving it, plus its hooks inside the user's forward and backward, divided by
 the run's wall time) and the wall share (1 - baseline / gradwatch), so the two can be compared: their
-difference is what gradwatch costs outside its own clock, or noise (the spread over pairs says which).
+difference is what gradwatch costs outside its own clock, or noise. The summary gives the mean difference
+over pairs with its 95% t-interval, and says whether that interval lies within 1 percentage point.
 
     python benchmarks/overhead.py                 # 300 steps, 2 pairs, batch 16 x 64
-    python benchmarks/overhead.py --steps 1000 --pairs 3
-    python benchmarks/overhead.py --threads 1 --pairs 6 --suite      # default, stability nothing due, all
+    python benchmarks/overhead.py --lockstep --suite --pairs 20 --steps 100   # default, stability nothing due, all
+    python benchmarks/overhead.py --host transformers --lockstep --suite --pairs 16 --steps 100
     python benchmarks/overhead.py --all-families                     # every family at its defaults
     python benchmarks/overhead.py --families stability --nothing-due # stability, nothing due after step 1
 
@@ -194,11 +202,74 @@ def per_example_loss(module: nn.Module, batch: Sequence[Tensor]) -> Tensor:
     return nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
 
 
+HOST = {"name": "lightning"}  # the trainer the runs use (--host; set in main)
+
+
+def hf_timer(timer: StepTimer) -> Any:
+    """``timer`` as a transformers ``TrainerCallback``: a step runs from one ``on_step_begin`` to the next."""
+    from transformers import TrainerCallback
+
+    class HFStepTimer(TrainerCallback):
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            timer.on_train_batch_start(None)
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            timer.on_train_end(None)
+
+    return HFStepTimer()
+
+
+def hf_per_example_loss(model: nn.Module, batch: Any) -> Tensor:
+    """Next-token cross-entropy of each sequence of an HF batch (``input_ids``)."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits[:, :-1]
+    return nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+def train_once_hf(with_gradwatch: bool, data: TensorDataset, steps: int, batch: int, seed: int, root: str,
+                  name: str, turns: Turns | None = None
+                  ) -> tuple[float, tuple[float, float], dict[str, Tensor], Any, StepTimer]:
+    """:func:`train_once` through the Hugging Face ``Trainer``: the same GPT-2, data, AdamW and learning rate,
+    HF's own TensorBoard logging on in both runs, the gradwatch callback in one."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    from gradwatch.callbacks.transformers import GradWatch as HFGradWatch
+
+    class Sequences(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int) -> dict[str, Tensor]:
+            (ids,) = data[i]
+            return {"input_ids": ids, "labels": ids}
+
+    set_seed(seed)
+    model = build_model("gpt2", vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
+    callback = HFGradWatch(**FAMILIES, loss_fn=hf_per_example_loss) if with_gradwatch else None
+    timer = StepTimer(callback, turns)
+    hf_args = TrainingArguments(
+        output_dir=os.path.join(root, name), report_to=["tensorboard"],
+        max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-4, lr_scheduler_type="constant",
+        optim="adamw_torch", weight_decay=0.01, logging_steps=50, save_strategy="no", use_cpu=True, seed=seed,
+        data_seed=seed, dataloader_num_workers=0, disable_tqdm=True, full_determinism=False)
+    trainer = Trainer(model=model, args=hf_args, train_dataset=Sequences(),
+                      callbacks=[hf_timer(timer)] + ([callback] if callback else []))
+    trainer.remove_callback(PrinterCallback)  # its dict of metrics at each logging step, in both runs alike
+    c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    cpu_seconds = (time.process_time() - c0, time.thread_time() - m0)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return seconds, cpu_seconds, weights, callback, timer
+
+
 def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int,
                root: str, name: str, turns: Turns | None = None
                ) -> tuple[float, tuple[float, float], dict[str, Tensor], GradWatch | None, StepTimer]:
     """One seeded run; returns fit()'s wall seconds, (process CPU seconds, this thread's CPU seconds), the final
     weights, the callback, the step timer. Process CPU time counts every thread (also those that ended: the TensorBoard writer's)."""
+    if HOST["name"] == "transformers":
+        return train_once_hf(with_gradwatch, data, steps, batch, seed, root, name, turns)
     pl.seed_everything(seed, verbose=False)
     module = LanguageModel(kind, vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
     callback = GradWatch(**FAMILIES, loss_fn=per_example_loss) if with_gradwatch else None
@@ -441,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrent", action="store_true",
                         help="run each pair's baseline and gradwatch run at the same time, each pinned to its own "
                              "core (needs 2 free cores; implies --threads 1): the machine's drift falls on both alike")
+    parser.add_argument("--host", choices=["lightning", "transformers"], default="lightning",
+                        help="the trainer: Lightning's (default) or the Hugging Face Trainer (GPT-2 only)")
     parser.add_argument("--lockstep", action="store_true",
                         help="run each pair's baseline and gradwatch run at the same time, taking turns one "
                              "optimizer step each (implies --threads 1); each run's time is the sum of its own "
@@ -481,6 +554,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 settings["sharpness"] = SharpnessConfig(probe_size=probe_size)
             elif isinstance(settings.get("sharpness"), SharpnessConfig):
                 settings["sharpness"] = dataclasses.replace(settings["sharpness"], probe_size=probe_size)
+    HOST["name"] = args.host
+    if args.host == "transformers" and args.model == "demo":
+        parser.error("--host transformers trains the GPT-2; --model demo is Lightning's demo Transformer")
     if args.lockstep:
         if args.concurrent:
             parser.error("--lockstep and --concurrent are two ways to pair runs: give one")
@@ -498,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.threads = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    kind = args.model
+    kind = "gpt2" if args.host == "transformers" else args.model
     if kind is None:
         try:
             import transformers  # noqa: F401
@@ -518,9 +594,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_params = sum(p.numel() for p in probe.parameters())
     del probe
     load0 = os.getloadavg()[0]
-    print(f"model: {kind} ({n_params / 1e6:.2f}M parameters), synthetic tokens, batch {args.batch} x {args.seq}, "
+    print(f"host: {args.host}; model: {kind} ({n_params / 1e6:.2f}M parameters), synthetic tokens, batch {args.batch} x {args.seq}, "
           f"vocab {args.vocab}, AdamW; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load0:.1f} on {os.cpu_count()} CPUs; steps {args.steps}, {args.pairs} pairs (ABBA order)")
+          f"load average {load0:.1f} on {os.cpu_count()} CPUs; steps {args.steps}, {args.pairs} pairs "
+          f"({'lock-step' if args.lockstep else 'side by side' if args.concurrent else 'ABBA order'})")
     summary = []
     with tempfile.TemporaryDirectory() as root:
         for label, settings in configs:
@@ -529,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cadences = ", ".join(f"{k} every {getattr(v, 'every', None) or next(f.config_class().every for f in families() if f.key == k)!r}"
                                  for k, v in settings.items() if v)
             print(f"\n[{label}] GradWatch({', '.join(f'{k}={v is not False}' for k, v in settings.items())}) "
-                  f"({cadences}; TensorBoardLogger shared)")
+                  f"({cadences}; {'TensorBoardLogger' if args.host == 'lightning' else 'report_to tensorboard'} in both runs)")
             rows = measure(args, kind, data, root, label.split(",")[0].replace(" ", "_"))
             print()
             summary.append((label, table(rows), rows))
