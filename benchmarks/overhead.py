@@ -39,7 +39,9 @@ import math
 import os
 import statistics
 import tempfile
+import threading
 import time
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,17 +55,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradwatch.callbacks.lightning import GradWatch
 
+DROPOUT = {"p": 0.1}  # the models' dropout (0 with --lockstep threads: two runs in one process share torch's RNG)
+
 
 def build_model(kind: str, vocab: int, seq: int) -> nn.Module:
+    p = DROPOUT["p"]
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(n_layer=4, n_embd=192, n_head=4, n_positions=seq, vocab_size=vocab,
-                            bos_token_id=0, eos_token_id=0)
+                            bos_token_id=0, eos_token_id=0, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
         return GPT2LMHeadModel(config)
     from lightning.pytorch.demos import Transformer
 
-    return Transformer(vocab_size=vocab, ninp=192, nhead=4, nhid=768, nlayers=2, dropout=0.1)
+    return Transformer(vocab_size=vocab, ninp=192, nhead=4, nhid=768, nlayers=2, dropout=p)
 
 
 class LanguageModel(pl.LightningModule):
@@ -88,18 +93,35 @@ class LanguageModel(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
 
+class _ThreadPrimitives:
+    """What :class:`Turns` takes from a multiprocessing context, for two threads of one process."""
+
+    Semaphore = threading.Semaphore
+    Barrier = threading.Barrier
+    Lock = threading.Lock
+
+    @staticmethod
+    def Value(typecode: str, value: int) -> Any:  # noqa: N802 (multiprocessing's name)
+        return types.SimpleNamespace(value=value)
+
+
 class Turns:
-    """Two processes taking turns, one optimizer step each (``--lockstep``): a run waits at each
+    """Two runs taking turns, one optimizer step each (``--lockstep``): a run waits at each
     ``on_train_batch_start`` until the other has finished its step, so the baseline's and gradwatch's steps
     alternate on the same machine within a fraction of a second of each other and the machine's drift (other
-    jobs, clock changes, the host's other guests) falls on both alike. Background threads (TensorBoard's
-    writer) keep running while their process waits, on whichever core is free: only the two training threads
-    are pinned, both to the same core."""
+    jobs, clock changes, the host's other guests) falls on both alike. Only the two training threads are
+    pinned, both to the same core; background threads (TensorBoard's writer) run on whichever core is free.
+
+    ``ctx``: a multiprocessing context (two processes), or :class:`_ThreadPrimitives` (two threads of this
+    process: then what differs between processes, such as where the allocator put things, is the same for
+    both runs too; their set-ups, which seed torch's global RNG and build the model, run one after the other)."""
 
     def __init__(self, ctx: Any, first: int) -> None:
         self.sems = [ctx.Semaphore(1 if k == first else 0) for k in (0, 1)]
         self.done = [ctx.Value("b", 0) for _ in (0, 1)]
         self.barrier = ctx.Barrier(2)
+        self.setup = ctx.Lock() if ctx is _ThreadPrimitives else None
+        self.holding = False
         self.core = min(os.sched_getaffinity(0))
         self.me = 0
 
@@ -109,6 +131,17 @@ class Turns:
         view.me = me
         return view
 
+    def set_up(self) -> None:
+        """Before a run's set-up (seeding, building the model): one set-up at a time, for threads."""
+        if self.setup is not None:
+            self.setup.acquire()
+            self.holding = True
+
+    def _set_up_done(self) -> None:
+        if self.holding:
+            self.holding = False
+            self.setup.release()
+
     def wait(self, first: bool) -> None:
         """Hand the turn to the other run (unless ``first``) and wait for it to come back, unless that run ended."""
         other = 1 - self.me
@@ -116,6 +149,7 @@ class Turns:
             # both training threads on one core (only this thread: background threads, started earlier, stay
             # free), so a difference between the cores does not fall on one run
             os.sched_setaffinity(0, {self.core})
+            self._set_up_done()
             self.barrier.wait()  # both set up; the run given the first turn goes first
         else:
             self.sems[other].release()
@@ -123,6 +157,8 @@ class Turns:
             self.sems[self.me].acquire()
 
     def finish(self) -> None:
+        """This run ended (or failed): the other one no longer waits for it."""
+        self._set_up_done()
         self.done[self.me].value = 1
         self.sems[1 - self.me].release()
 
@@ -243,6 +279,8 @@ def train_once_hf(with_gradwatch: bool, data: TensorDataset, steps: int, batch: 
             (ids,) = data[i]
             return {"input_ids": ids, "labels": ids}
 
+    if turns is not None:
+        turns.set_up()
     set_seed(seed)
     model = build_model("gpt2", vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
     callback = HFGradWatch(**FAMILIES, loss_fn=hf_per_example_loss) if with_gradwatch else None
@@ -270,6 +308,8 @@ def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int,
     weights, the callback, the step timer. Process CPU time counts every thread (also those that ended: the TensorBoard writer's)."""
     if HOST["name"] == "transformers":
         return train_once_hf(with_gradwatch, data, steps, batch, seed, root, name, turns)
+    if turns is not None:
+        turns.set_up()
     pl.seed_everything(seed, verbose=False)
     module = LanguageModel(kind, vocab=int(data.tensors[0].max()) + 1, seq=data.tensors[0].shape[1])
     callback = GradWatch(**FAMILIES, loss_fn=per_example_loss) if with_gradwatch else None
@@ -331,7 +371,13 @@ def run_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, b
         os.sched_setaffinity(0, {cpu})
     if barrier is not None:
         barrier.wait()
-    seconds, cpu_s, weights, cb, timer = train_once(with_gradwatch, kind, data, steps, batch, seed, root, name, turns)
+    try:
+        seconds, cpu_s, weights, cb, timer = train_once(with_gradwatch, kind, data, steps, batch, seed, root, name,
+                                                        turns)
+    except BaseException:
+        if turns is not None:
+            turns.finish()  # the other run goes on alone
+        raise
     timer.gradwatch, timer.turns = None, None
     own = float(cb.watcher.budget.engine_seconds) if cb is not None else 0.0
     if turns is not None:
@@ -353,15 +399,38 @@ def _child(conn: Any, *args: Any, **kwargs: Any) -> None:
     conn.close()
 
 
-def paired_processes(kind: str, data: TensorDataset, args: argparse.Namespace, root: str, label: str,
-                     i: int) -> tuple[Run, Run]:
-    """The baseline and the gradwatch run at the same time, each in a forked process, so that what the machine
-    does meanwhile (other jobs, clock changes) falls on both alike instead of on whichever ran at a worse
-    moment. ``--concurrent``: each pinned to its own core (swapped every other pair), ``fit`` started together.
-    ``--lockstep``: taking turns, one step each (:class:`Turns`; who goes first swaps every other pair)."""
+def paired_runs(kind: str, data: TensorDataset, args: argparse.Namespace, root: str, label: str,
+                i: int) -> tuple[Run, Run]:
+    """The baseline and the gradwatch run at the same time, so that what the machine does meanwhile (other
+    jobs, clock changes) falls on both alike instead of on whichever ran at a worse moment. ``--concurrent``:
+    two forked processes, each pinned to its own core (swapped every other pair), ``fit`` started together.
+    ``--lockstep``: taking turns, one step each (:class:`Turns`; who goes first swaps every other pair), in two
+    forked processes or (``--lockstep threads``) two threads of this one."""
     import io
     import multiprocessing as mp
 
+    names = [f"{label}_{'gradwatch' if gw else 'baseline'}_{i}" for gw in (False, True)]
+    if args.lockstep == "threads":
+        turns = Turns(_ThreadPrimitives, first=i % 2)
+        out: list[Any] = [None, None]
+
+        def go(k: int) -> None:
+            torch.set_num_threads(1)  # OpenMP's thread count is per thread: a new one would start a pool of its own
+            try:
+                out[k] = run_once(bool(k), kind, data, args.steps, args.batch, args.seed, root, names[k],
+                                  turns=turns.mine(k))
+            except BaseException as exc:  # reported below; the other run must not wait for this one
+                out[k] = exc
+
+        threads = [threading.Thread(target=go, args=(k,), name=names[k]) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return out[0], out[1]
     ctx = mp.get_context("fork")
     barrier, turns, cores = None, None, [None, None]
     if args.lockstep:
@@ -375,7 +444,7 @@ def paired_processes(kind: str, data: TensorDataset, args: argparse.Namespace, r
     for k, (gw, core) in enumerate(zip((False, True), cores)):
         here, there = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(there, gw, kind, data, args.steps, args.batch, args.seed, root,
-                                                 f"{label}_{'gradwatch' if gw else 'baseline'}_{i}", core, barrier),
+                                                 names[k], core, barrier),
                            kwargs={"turns": turns.mine(k) if turns is not None else None})
         proc.start()
         procs.append(proc)
@@ -394,7 +463,7 @@ def measure(args: argparse.Namespace, kind: str, data: TensorDataset, root: str,
     train_once(True, kind, data, warm, args.batch, args.seed, root, f"{label}_warmup_gradwatch")
     for i in range(args.pairs):
         if args.concurrent or args.lockstep:
-            base, ours = paired_processes(kind, data, args, root, label, i)
+            base, ours = paired_runs(kind, data, args, root, label, i)
         else:
             # ABBA: every other pair runs gradwatch first, so an order effect (caches, allocator, the machine
             # warming) falls on both sides of the median instead of one
@@ -514,10 +583,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "core (needs 2 free cores; implies --threads 1): the machine's drift falls on both alike")
     parser.add_argument("--host", choices=["lightning", "transformers"], default="lightning",
                         help="the trainer: Lightning's (default) or the Hugging Face Trainer (GPT-2 only)")
-    parser.add_argument("--lockstep", action="store_true",
+    parser.add_argument("--lockstep", nargs="?", const="processes", choices=["processes", "threads"], default=None,
                         help="run each pair's baseline and gradwatch run at the same time, taking turns one "
                              "optimizer step each (implies --threads 1); each run's time is the sum of its own "
-                             "steps, so the machine's drift falls on both alike, step by step")
+                             "steps, so the machine's drift falls on both alike, step by step. In two processes "
+                             "(default), or in two threads of one process ('threads': then what differs from one "
+                             "process to the next falls on both alike too; the models' dropout is off, as the "
+                             "two runs share torch's global RNG)")
     parser.add_argument("--cpu", type=int, default=None, metavar="CORE",
                         help="pin the whole process to this core (implies --threads 1): TensorBoard's writer thread "
                              "then shares the training's core, so its work shows in the wall time, and other work on "
@@ -561,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.concurrent:
             parser.error("--lockstep and --concurrent are two ways to pair runs: give one")
         args.threads = 1
+        if args.lockstep == "threads":
+            DROPOUT["p"] = 0.0
     if args.cpu is not None:
         if args.concurrent:
             parser.error("--cpu pins one process; --concurrent pins each of its two runs itself")
@@ -597,7 +671,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"host: {args.host}; model: {kind} ({n_params / 1e6:.2f}M parameters), synthetic tokens, batch {args.batch} x {args.seq}, "
           f"vocab {args.vocab}, AdamW; CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load0:.1f} on {os.cpu_count()} CPUs; steps {args.steps}, {args.pairs} pairs "
-          f"({'lock-step' if args.lockstep else 'side by side' if args.concurrent else 'ABBA order'})")
+          f"({f'lock-step, {args.lockstep}' if args.lockstep else 'side by side' if args.concurrent else 'ABBA order'}"
+          f"{', dropout off' if DROPOUT['p'] == 0 else ''})")
     summary = []
     with tempfile.TemporaryDirectory() as root:
         for label, settings in configs:

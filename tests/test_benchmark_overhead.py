@@ -39,18 +39,21 @@ def test_verdict_is_the_95_percent_t_interval_against_the_tolerance() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork and sched_setaffinity: Linux")
-def test_lockstep_pair_alternates_steps_and_trains_identically(tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["processes", "threads"])
+def test_lockstep_pair_alternates_steps_and_trains_identically(tmp_path, mode: str, monkeypatch) -> None:
     steps = 6
+    if mode == "threads":
+        monkeypatch.setitem(overhead.DROPOUT, "p", 0.0)  # what --lockstep threads sets: one global RNG for both
     overhead.FAMILIES.clear()
     overhead.FAMILIES.update(overhead.family_settings(["spectra"], False))
     overhead.HOST["name"] = "lightning"
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, 64, (4 * steps, 16), generator=g))
-    args = argparse.Namespace(steps=steps, batch=4, seed=0, lockstep=True, concurrent=False)
+    args = argparse.Namespace(steps=steps, batch=4, seed=0, lockstep=mode, concurrent=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what --lockstep sets; the forked runs inherit it
     try:
-        base, ours = overhead.paired_processes("demo", data, args, str(tmp_path), "t", 1)  # pair 1: gradwatch first
+        base, ours = overhead.paired_runs("demo", data, args, str(tmp_path), "t", 1)  # pair 1: gradwatch first
     finally:
         torch.set_num_threads(threads)
     assert base.weights.keys() == ours.weights.keys()
