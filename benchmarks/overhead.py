@@ -629,6 +629,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     HOST["name"] = args.host
     if args.host == "transformers" and args.model == "demo":
         parser.error("--host transformers trains the GPT-2; --model demo is Lightning's demo Transformer")
+    if args.host == "transformers" and args.lockstep == "threads":
+        # measured: two HF Trainers in one process put gradwatch's run 2.7 pp above its own clock (12 pairs),
+        # where two processes show none; they share accelerate's process-wide state (a likely cause, not traced)
+        parser.error("--lockstep threads runs two Trainers in one process, and two HF Trainers share accelerate's "
+                     "process-wide state: with --host transformers use --lockstep (two processes)")
     if args.lockstep:
         if args.concurrent:
             parser.error("--lockstep and --concurrent are two ways to pair runs: give one")
