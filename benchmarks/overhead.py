@@ -415,7 +415,7 @@ def paired_runs(kind: str, data: TensorDataset, args: argparse.Namespace, root: 
         out: list[Any] = [None, None]
 
         def go(k: int) -> None:
-            torch.set_num_threads(1)  # OpenMP's thread count is per thread: a new one would start a pool of its own
+            torch.set_num_threads(1)  # in this thread too: OpenMP keeps the thread count per thread
             try:
                 out[k] = run_once(bool(k), kind, data, args.steps, args.batch, args.seed, root, names[k],
                                   turns=turns.mine(k))
