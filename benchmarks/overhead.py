@@ -43,7 +43,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +198,7 @@ class StepTimer(pl.Callback):
     def steps(self, skip: int = 5) -> tuple[list[float], list[float]]:
         """(wall, own) seconds of each step after the first ``skip`` (without turns, the last step, which has no
         next start, is left out)."""
-        if self.turns is not None or self.ends:
+        if self.ends:  # timed with turns
             return ([e - s for s, e in zip(self.starts, self.ends)][skip:],
                     [e - s for s, e in zip(self.own, self.own_ends)][skip:])
         wall = [b - a for a, b in zip(self.starts, self.starts[1:])][skip:]
@@ -239,6 +239,17 @@ def per_example_loss(module: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 
 HOST = {"name": "lightning"}  # the trainer the runs use (--host; set in main)
+
+
+def timed(train: Callable[[], Any]) -> tuple[float, tuple[float, float]]:
+    """``train()``'s wall seconds and (process CPU seconds, this thread's CPU seconds)."""
+    c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+    train()
+    return time.perf_counter() - t0, (time.process_time() - c0, time.thread_time() - m0)
+
+
+def final_weights(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def hf_timer(timer: StepTimer) -> Any:
@@ -293,12 +304,8 @@ def train_once_hf(with_gradwatch: bool, data: TensorDataset, steps: int, batch: 
     trainer = Trainer(model=model, args=hf_args, train_dataset=Sequences(),
                       callbacks=[hf_timer(timer)] + ([callback] if callback else []))
     trainer.remove_callback(PrinterCallback)  # its dict of metrics at each logging step, in both runs alike
-    c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
-    cpu_seconds = (time.process_time() - c0, time.thread_time() - m0)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return seconds, cpu_seconds, weights, callback, timer
+    seconds, cpu_seconds = timed(trainer.train)
+    return seconds, cpu_seconds, final_weights(model), callback, timer
 
 
 def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int, batch: int, seed: int,
@@ -321,12 +328,8 @@ def train_once(with_gradwatch: bool, kind: str, data: TensorDataset, steps: int,
         log_every_n_steps=50, num_sanity_val_steps=0, deterministic=True,
     )
     loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=0)
-    c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
-    trainer.fit(module, loader)
-    seconds = time.perf_counter() - t0
-    cpu_seconds = (time.process_time() - c0, time.thread_time() - m0)
-    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return seconds, cpu_seconds, weights, callback, timer
+    seconds, cpu_seconds = timed(lambda: trainer.fit(module, loader))
+    return seconds, cpu_seconds, final_weights(module), callback, timer
 
 
 def family_settings(chosen: Sequence[str], nothing_due: bool) -> dict[str, Any]:
