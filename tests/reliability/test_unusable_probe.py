@@ -89,8 +89,9 @@ class Module(L.LightningModule):
 
 CASES: dict[str, tuple[Callable[[Tensor, Tensor, int], Any], Any, dict[str, bool], str]] = {
     # name: (example, collate_fn, Module kwargs, what the one warning must say)
+    # (4: the first diagnostic to meet the probe, per-example spectra, uses its own per_example_size of the draw)
     "labels all -100": (lambda x, y, i: (x, torch.tensor(-100)), None, {"self_supervised": True},
-                        r"every label of the \d probe examples is -100 \(ignored\).*expects labels it can score"),
+                        r"every label of the 4 probe examples is -100 \(ignored\).*expects labels it can score"),
     "strings and None in a batch": (lambda x, y, i: {"x": x, "labels": y, "name": f"example {i}"},
                                     collate_with_text, {},
                                     r"cannot be called with the probe batch's keys \(x: a Tensor, name: a list "
